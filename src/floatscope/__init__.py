@@ -1,0 +1,39 @@
+"""floatscope: find, explain and fix floating-point failures in PyTorch models.
+
+Importing floatscope patches nothing and registers nothing; instruments act only inside their
+``with`` blocks.
+
+Example:
+    >>> import torch, floatscope
+    >>> x = torch.tensor([0.0, 1.0], requires_grad=True)
+    >>> floatscope.locate(lambda: torch.sqrt(x).sum().backward()).op
+    'aten.sqrt.default'
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from floatscope._errors import FloatscopeError, NonFiniteError, StoreError, UsageError
+from floatscope._instrument.locate import locate
+from floatscope._instrument.watch import Watch, watch
+from floatscope._numerics.formats import FORMATS, FloatFormat, format_of
+from floatscope._results import Incident, OperandStats, RunResult
+from floatscope._store.sqlite import RunStore
+
+__all__ = [
+    "FORMATS",
+    "FloatFormat",
+    "FloatscopeError",
+    "Incident",
+    "NonFiniteError",
+    "OperandStats",
+    "RunResult",
+    "RunStore",
+    "StoreError",
+    "UsageError",
+    "Watch",
+    "format_of",
+    "locate",
+    "watch",
+]

@@ -1,0 +1,261 @@
+"""Turn an origin event into a diagnosis: category, plain explanation, concrete fixes."""
+
+from __future__ import annotations
+
+import math
+
+from floatscope._instrument.tracer import OriginEvent, op_base
+from floatscope._results import Category, Incident, OperandStats
+
+__all__ = ["incident_from_event", "categorize"]
+
+_EXP_LIKE = {"exp", "exp2", "expm1", "sinh", "cosh", "pow", "softplus"}
+_MATMUL = {"mm", "bmm", "addmm", "matmul", "linear", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention",
+           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math", "dot", "mv", "einsum",
+           "convolution", "_convolution", "conv2d", "conv1d"}
+_REDUCTIONS = {"sum", "mean", "cumsum", "prod", "cumprod", "var", "std", "norm", "linalg_vector_norm"}
+_DIVISION = {"div", "div_", "reciprocal", "rsqrt", "true_divide", "floor_divide", "remainder", "fmod"}
+_LOG = {"log", "log2", "log10", "log_", "log1p", "xlogy", "special_xlogy"}
+_DOMAIN = {"sqrt", "log", "log2", "log10", "log1p", "acos", "asin", "acosh", "atanh", "pow", "rsqrt", "lgamma",
+           "digamma", "polygamma", "erfinv"}
+_UNDERFLOW_PRODUCERS = {"exp", "_softmax", "softmax", "sigmoid", "prod", "mul", "pow", "cumprod", "_to_copy",
+                        "exp2", "mm", "bmm", "addmm", "div"}
+_CASTS = {"_to_copy", "to", "copy_", "_to_dtype"}
+
+
+def _base(op: str) -> str:
+    return op_base(op).rstrip("_") if op_base(op) != "_" else op_base(op)
+
+
+def _zeros(op: OperandStats) -> bool:
+    return op.zeros > 0
+
+
+def categorize(event: OriginEvent) -> Category:
+    """Classify an origin event.
+
+    * ``overflow``: a finite result too large for the dtype became Inf (exp, matmul, sum, cast).
+    * ``underflow``: values that underflowed to 0 upstream (softmax, exp, product) then hit a
+      log or a division.
+    * ``division-by-zero``: x/0 with x != 0, log(0), or a gradient with a 1/0 pole (sqrt at 0).
+    * ``invalid``: 0/0, inf-inf, 0*inf, or an argument outside the op's domain (sqrt/log of a
+      negative, acos of |x|>1).
+    """
+    base = _base(event.op)
+    operands = event.operands
+    if event.kind == "nan":
+        if base in _DOMAIN and operands and operands[0].min < 0 and base not in {"pow"}:
+            return "invalid"
+        if base in {"acos", "asin", "atanh"}:
+            return "invalid"
+        if base in _LOG and operands and _zeros(operands[0]) and _came_from_underflow(event, 0):
+            return "underflow"
+        return "invalid"
+    # Inf born from finite inputs.
+    if base in _DIVISION:
+        if len(operands) >= 2 and _zeros(operands[1]):
+            return "underflow" if _came_from_underflow(event, 1) and event.phase != "backward" else "division-by-zero"
+        if base in {"reciprocal", "rsqrt"} and operands and _zeros(operands[0]):
+            return "division-by-zero"
+        return "overflow"
+    if base in _LOG:
+        if operands and _zeros(operands[0]) and _came_from_underflow(event, 0):
+            return "underflow"
+        return "division-by-zero"
+    return "overflow"
+
+
+def _came_from_underflow(event: OriginEvent, index: int) -> bool:
+    producer = event.producers[index] if index < len(event.producers) else None
+    return producer is not None and _base(producer) in _UNDERFLOW_PRODUCERS
+
+
+def _fmt(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{x:.4g}"
+
+
+def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str, list[str]]:
+    """Explanation and fixes, specific to the forward op, the category and the dtype."""
+    ops = event.operands
+    dtype = ops[0].dtype if ops else event.output.dtype
+    limit = event.output.dtype_max
+    backward = event.backward_node is not None
+    producer = _base(event.producers[0]) if event.producers and event.producers[0] else None
+    fixes: list[str] = []
+
+    if backward and fwd_base in {"sqrt", "rsqrt"}:
+        text = (f"sqrt's gradient is 1/(2*sqrt(x)); {ops and ops[-1].zeros or 'some'} input element(s) sit at "
+                f"x = 0, where the gradient is infinite, although the forward value is a harmless 0.")
+        fixes = ["put an epsilon inside the root: torch.sqrt(x + 1e-12) (or x.clamp_min(1e-12))",
+                 "for a distance or norm, use torch.linalg.vector_norm(v, dim=...), whose gradient at 0 is 0",
+                 "if this is a std, compute torch.sqrt(var + eps) instead of x.std()"]
+        return text, fixes
+    if backward and fwd_base in {"linalg_vector_norm", "norm", "std", "var", "std_mean"}:
+        text = "the gradient of a norm/std is x/norm; at a zero norm (constant input) it is 0/0."
+        return text, ["add eps: torch.sqrt(var + eps), or (x.pow(2).sum() + eps).sqrt()",
+                      "skip constant inputs, or use torch.nn.functional.normalize(x, eps=1e-12)"]
+    if fwd_base in {"acos", "asin"}:
+        side = "gradient -1/sqrt(1-x^2) is infinite at |x| = 1" if backward else "acos/asin is undefined for |x| > 1"
+        return (f"{fwd_base} {side}; inputs reach {_fmt(max(abs(ops[0].min), abs(ops[0].max)) if ops else math.nan)}"
+                f" (rounding of a cosine similarity or dot product pushes them to or past 1)."), [
+            f"clamp the argument: torch.{fwd_base}(x.clamp(-1 + 1e-6, 1 - 1e-6))",
+            "for angles between vectors, use torch.atan2(cross_norm, dot), which is stable at the boundary"]
+    if fwd_base == "atan2":
+        return ("atan2's gradient y/(x^2+y^2), x/(x^2+y^2) is 0/0 at x = y = 0."), [
+            "add a tiny offset to the operands at the origin: torch.atan2(y, x + 1e-12)",
+            "mask points at the origin out of the loss"]
+    if fwd_base in {"binary_cross_entropy"}:
+        return ("binary_cross_entropy takes log(p) and log(1-p); a sigmoid saturated to exactly 0 or 1 makes "
+                "them -inf (PyTorch clamps the value at -100, but the gradient 1/(p(1-p)) is still infinite)."), [
+            "feed logits to torch.nn.BCEWithLogitsLoss / F.binary_cross_entropy_with_logits instead of "
+            "sigmoid + BCE",
+        ]
+    if fwd_base in _LOG and not backward:
+        if producer in {"_softmax", "softmax"}:
+            text = (f"log of a softmax: {ops[0].zeros} probabilities underflowed to exactly 0 in {dtype} "
+                    f"(logit gaps beyond ~{_log_range(dtype):.0f}), and log(0) = -inf.")
+            fixes = ["use torch.log_softmax(logits, dim) (or F.cross_entropy on the logits), which works in log "
+                     "space and never forms the 0"]
+        elif producer == "sigmoid":
+            text = f"log of a sigmoid: {ops[0].zeros} values saturated to exactly 0 in {dtype}; log(0) = -inf."
+            fixes = ["use F.logsigmoid(x), or F.binary_cross_entropy_with_logits for a loss"]
+        elif producer in {"prod", "mul", "cumprod"}:
+            text = (f"log of a product: multiplying many probabilities underflowed to exactly 0 in {dtype} "
+                    f"(below {ops[0].dtype_smallest_normal:.3g} and then below the subnormals); log(0) = -inf.")
+            fixes = ["sum logs instead of multiplying probabilities: torch.log(p).sum(dim) (or log_softmax "
+                     "outputs summed)"]
+        elif producer in {"exp", "exp2"}:
+            text = f"log(exp(x)) with exp underflowed to 0 in {dtype}; log(0) = -inf."
+            fixes = ["stay in log space: log(exp(x)) is x; use torch.logsumexp for log(sum(exp(x)))"]
+        elif ops and ops[0].min < 0:
+            text = f"log of a negative number ({_fmt(ops[0].min)}) is NaN."
+            fixes = ["check the sign of the argument; use log(x.clamp_min(eps)) if it must be positive"]
+        else:
+            text = f"log of zero: {ops[0].zeros if ops else 'some'} input element(s) are exactly 0; log(0) = -inf."
+            fixes = ["add a floor: torch.log(x.clamp_min(1e-12)) or torch.log(x + eps)",
+                     "if x is a probability from softmax/sigmoid, use log_softmax / logsigmoid instead"]
+        return text, fixes
+    if fwd_base == "log1p" or (fwd_base in _LOG and producer in {"exp"}):
+        return ("log(1 + exp(x)) overflows: exp(x) is Inf for large x, so the result is Inf."), [
+            "use torch.nn.functional.softplus(x) (or torch.logaddexp(0, x)), which is exact for large x"]
+    if fwd_base in _EXP_LIKE and category == "overflow":
+        threshold = math.log(limit) if limit > 0 else float("nan")
+        text = (f"{fwd_base} overflowed {dtype}: inputs reach {_fmt(ops[0].max if ops else math.nan)}, and "
+                f"exp(x) exceeds {dtype}'s max {limit:.4g} for x > {threshold:.2f}.")
+        fixes = ["subtract the max before exponentiating (softmax/logsumexp do this): torch.softmax(x, dim) or "
+                 "torch.logsumexp(x, dim)"]
+        if dtype == "float16":
+            fixes += ["compute this op in float32 (x.float().exp()) or under torch.autocast, which runs exp/"
+                      "softmax in float32",
+                      "train in bfloat16, whose range matches float32"]
+        if producer == "add" or "var" in (event.function or ""):
+            fixes.append("if this is a VAE's exp(logvar), clamp logvar (e.g. to [-30, 20]) before exp")
+        else:
+            fixes.append("if this is a VAE's exp(logvar), clamp logvar (e.g. to [-30, 20]) before exp")
+        return text, fixes
+    if category == "overflow":
+        if fwd_base in _CASTS:
+            text = (f"casting to {event.output.dtype} overflowed: values reach "
+                    f"{_fmt(max(abs(ops[0].min), abs(ops[0].max)) if ops else math.nan)}, beyond "
+                    f"{event.output.dtype}'s max {limit:.4g}.")
+            return text, ["keep this tensor in float32 (or bfloat16, which has float32's range)",
+                          "rescale the values before the cast (normalise inputs, lower the learning rate)"]
+        if fwd_base in _MATMUL or fwd_base in _REDUCTIONS or fwd_base in {"mul", "add", "sub", "pow"}:
+            ranges = ", ".join(f"|x| <= {_fmt(o.absmax)}" for o in ops[:2])
+            text = (f"{fwd_base} overflowed {event.output.dtype}: operands are finite ({ranges}) but the result "
+                    f"exceeds max {limit:.4g}.")
+            fixes = []
+            if event.output.dtype == "float16":
+                fixes.append("use bfloat16 (float32's range) or run this layer in float32 "
+                             "(torch.autocast(..., enabled=False) around it)")
+            fixes += ["find why activations or weights grew this large: lower the learning rate, clip gradients "
+                      "(torch.nn.utils.clip_grad_norm_), add normalisation"]
+            if fwd_base in _REDUCTIONS:
+                fixes.append("accumulate in float32: x.sum(dtype=torch.float32)")
+            return text, fixes
+        return (f"{fwd_base} produced Inf from finite inputs in {event.output.dtype} (max {limit:.4g})."), [
+            "compute in a wider format or rescale the inputs"]
+    if category in {"division-by-zero", "underflow"} and fwd_base in _DIVISION:
+        denom = ops[1] if len(ops) > 1 else (ops[0] if ops else None)
+        zeros = denom.zeros if denom else 0
+        if category == "underflow":
+            text = (f"division by a denominator that underflowed to 0: {zeros} element(s) are exactly 0 after "
+                    f"{_base(event.producers[1] or '?')} in {dtype}.")
+        else:
+            text = f"division by zero: the denominator has {zeros} exact zero(s)."
+        if backward:
+            text = f"the gradient of {fwd_base} divides by its denominator, which is 0 here: " + text
+        return text, ["add eps to the denominator: x / (d + eps), or d.clamp_min(eps)",
+                      "for normalisation, use F.normalize(x, dim=..., eps=1e-12)"]
+    if fwd_base in {"_softmax", "softmax", "_log_softmax", "log_softmax", "_safe_softmax"}:
+        if event.external_inf_inputs or (ops and ops[0].inf > 0):
+            text = ("softmax of a row that is entirely -inf is 0/0 = NaN: every position of some row is masked "
+                    "(masked_fill(mask, -inf) or an additive -inf mask), so the normaliser is 0.")
+            return text, ["make sure every query has at least one unmasked key (e.g. always attend to self or a "
+                          "BOS token)",
+                          "mask with torch.finfo(dtype).min instead of -inf so fully masked rows give a "
+                          "uniform distribution, then zero them",
+                          "or use F.scaled_dot_product_attention, or torch.nan_to_num on the result for "
+                          "padded rows"]
+        return "softmax produced NaN from finite logits.", ["check the logits' range"]
+    if category == "invalid":
+        if fwd_base in _DIVISION:
+            both = [o.zeros for o in ops[:2]]
+            text = f"0/0: numerator and denominator are both 0 (zeros: {both})."
+            if event.external_inf_inputs or any(o.inf for o in ops):
+                text = "Inf/Inf or 0*Inf: inputs already held infinities and the division made them NaN."
+            return text, ["add eps to the denominator: x / (d + eps), or F.normalize(x, eps=1e-12)",
+                          "guard empty or constant rows before normalising"]
+        if fwd_base in {"sqrt", "rsqrt", "pow"} and ops and ops[0].min < 0:
+            return (f"{fwd_base} of a negative number ({_fmt(ops[0].min)}) is NaN; rounding often makes a value that "
+                    f"should be >= 0 (a variance as E[x^2]-E[x]^2) slightly negative."), [
+                "clamp the argument: x.clamp_min(0) before the root",
+                "compute variance as ((x - mean)**2).mean() (two-pass / Welford), not E[x^2] - E[x]^2"]
+        if fwd_base in {"sub", "add", "rsub"}:
+            return "Inf - Inf is NaN: both operands had overflowed to infinity.", [
+                "find where the infinities came from (an earlier overflow) and fix that op"]
+        if fwd_base in {"mul"}:
+            return "0 * Inf is NaN: one operand was infinite where the other was zero.", [
+                "find where the infinity came from (an earlier overflow) and fix that op"]
+        return f"{fwd_base} produced NaN from inputs without NaN (an invalid operation).", [
+            "check the op's domain and the inputs' range listed above"]
+    return f"{fwd_base} produced a non-finite value.", ["check the inputs' range listed above"]
+
+
+def _log_range(dtype: str) -> float:
+    return {"float16": 17.3, "bfloat16": 92.0, "float32": 103.9, "float64": 745.0}.get(dtype, 100.0)
+
+
+def incident_from_event(root: OriginEvent, last: OriginEvent | None, *, step: int, module_prefix: str | None = None,
+                        exact: bool = True, replay_seconds: float | None = None) -> Incident:
+    """Build the :class:`Incident` for ``root``; ``last`` is the event that reached the failure."""
+    category = categorize(root)
+    fwd_op = root.forward_op
+    explanation, fixes = _explain(root, category, _base(fwd_op))
+    consequence = None
+    if last is not None and last is not root:
+        where = f"{last.backward_node} in backward" if last.backward_node else f"{last.op} in {last.phase}"
+        what = "NaN" if last.kind == "nan" else "Inf"
+        consequence = (f"the {'Inf' if root.kind == 'inf' else 'NaN'} from {fwd_op} was absorbed downstream and "
+                       f"resurfaced as {what} at {where} ({last.frame.file}:{last.frame.line}).")
+    return Incident(
+        step=step,
+        phase=root.phase,  # type: ignore[arg-type]
+        kind=root.kind,  # type: ignore[arg-type]
+        op=fwd_op,
+        backward_node=root.backward_node,
+        module=root.module,
+        param=None,
+        file=root.frame.file,
+        line=root.frame.line,
+        category=category,
+        explanation=explanation,
+        suggestions=fixes,
+        operands=root.operands,
+        output=root.output,
+        code=root.frame.code or None,
+        function=root.function,
+        consequence=consequence,
+        exact=exact,
+        replay_seconds=replay_seconds,
+    )

@@ -1,0 +1,87 @@
+"""Explain a non-finite value that an optimizer update wrote into a parameter."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import torch
+
+from floatscope._numerics.formats import format_of
+from floatscope._numerics.stats import operand_stats
+from floatscope._results import Incident
+
+__all__ = ["optimizer_findings", "with_optimizer_context"]
+
+
+def _hyper(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
+    for group in optimizer.param_groups:
+        if any(p is param for p in group["params"]):
+            return group
+    return optimizer.defaults
+
+
+def optimizer_findings(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> tuple[list[str], str, list[str]]:
+    """Inspect ``param``'s optimizer state after an update made it non-finite.
+
+    Returns ``(state_lines, explanation, suggestions)``. The state lines name each state tensor
+    with its statistics; the explanation names the state and hyperparameter that made the update
+    divide by zero or overflow (e.g. Adam's ``eps`` rounding to 0 in float16).
+    """
+    state = optimizer.state.get(param, {})
+    group = _hyper(optimizer, param)
+    name = type(optimizer).__name__
+    dtype = param.dtype
+    fmt = format_of(dtype) if param.is_floating_point() else None
+    lines = []
+    zero_second_moment = None
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1:
+            stats = operand_stats(value)
+            lines.append(f"{key}: {stats.describe()}")
+            if key in {"exp_avg_sq", "square_avg", "sum", "max_exp_avg_sq"}:
+                zero_second_moment = (key, stats)
+    eps = group.get("eps")
+    lr = group.get("lr")
+    if isinstance(eps, (tuple, list)):
+        eps = eps[0]
+    suggestions: list[str] = []
+    if eps is not None and fmt is not None and float(torch.tensor(float(eps), dtype=dtype)) == 0.0:
+        key, stats = zero_second_moment if zero_second_moment else ("exp_avg_sq", None)
+        zeros = f"{stats.zeros} of {stats.numel} entries of {key} are 0" if stats else f"{key} has zeros"
+        explanation = (
+            f"{name} keeps its state in the parameter's dtype {str(dtype).removeprefix('torch.')}: squared "
+            f"gradients below {fmt.smallest_subnormal:.2g} flush to 0 ({zeros}), and eps={eps:g} itself rounds to 0 "
+            f"in {str(dtype).removeprefix('torch.')} (smallest subnormal {fmt.smallest_subnormal:.2g}), so the update "
+            f"exp_avg / (sqrt({key}) + eps) divides by zero."
+        )
+        suggestions = [
+            "keep float32 master weights: leave the model in float32 and train under "
+            "torch.autocast(device_type, dtype=torch.float16) with a torch.amp.GradScaler",
+            f"or raise eps to at least {fmt.smallest_normal:.1e} (the smallest {str(dtype).removeprefix('torch.')} "
+            "normal), e.g. eps=1e-4",
+            "or use bfloat16 parameters with an optimizer that keeps float32 state",
+        ]
+    elif zero_second_moment is not None and zero_second_moment[1].nan + zero_second_moment[1].inf > 0:
+        key, stats = zero_second_moment
+        explanation = f"{name}'s state {key} is non-finite ({stats.nan} nan, {stats.inf} inf): a gradient overflowed."
+        suggestions = ["clip gradients before the step: torch.nn.utils.clip_grad_norm_(params, max_norm)"]
+    else:
+        pstats = operand_stats(param)
+        explanation = (
+            f"the {name} update (lr={lr}) drove the parameter beyond {str(dtype).removeprefix('torch.')}'s range: "
+            f"{pstats.inf} inf, {pstats.nan} nan after the step."
+        )
+        suggestions = ["lower the learning rate or add a warm-up",
+                       "clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)"]
+    return lines, explanation, suggestions
+
+
+def with_optimizer_context(incident: Incident, optimizer: torch.optim.Optimizer | None,
+                           param: torch.Tensor | None, param_name: str | None) -> Incident:
+    """Add the parameter name, optimizer state and an optimizer-specific explanation."""
+    if optimizer is None or param is None:
+        return replace(incident, param=param_name)
+    lines, explanation, suggestions = optimizer_findings(optimizer, param)
+    return replace(incident, param=param_name, optimizer_state=lines, explanation=explanation,
+                   suggestions=suggestions, category="optimizer")

@@ -1,0 +1,1 @@
+"""The floatscope command line: one module per subcommand."""

@@ -1,0 +1,1 @@
+"""Instruments: hooks, dispatch modes and the watch. Every one undoes itself on exit."""

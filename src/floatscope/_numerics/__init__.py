@@ -1,0 +1,1 @@
+"""Pure numerical helpers: float formats and tensor summaries."""
