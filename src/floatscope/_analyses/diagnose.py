@@ -9,7 +9,7 @@ from floatscope._results import Category, Incident, OperandStats
 
 __all__ = ["incident_from_event", "categorize"]
 
-_EXP_LIKE = {"exp", "exp2", "expm1", "sinh", "cosh", "pow", "softplus"}
+_EXP_LIKE = {"exp", "exp2", "expm1", "sinh", "cosh", "softplus"}
 _MATMUL = {"mm", "bmm", "addmm", "matmul", "linear", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention",
            "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math", "dot", "mv", "einsum",
            "convolution", "_convolution", "conv2d", "conv1d"}
@@ -148,10 +148,8 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             fixes += ["compute this op in float32 (x.float().exp()) or under torch.autocast, which runs exp/"
                       "softmax in float32",
                       "train in bfloat16, whose range matches float32"]
-        if producer == "add" or "var" in (event.function or ""):
-            fixes.append("if this is a VAE's exp(logvar), clamp logvar (e.g. to [-30, 20]) before exp")
-        else:
-            fixes.append("if this is a VAE's exp(logvar), clamp logvar (e.g. to [-30, 20]) before exp")
+        fixes.append("if this is a VAE's exp(logvar) or a learned temperature, clamp the exponent "
+                     "(e.g. logvar.clamp(-30, 20)) before exp")
         return text, fixes
     if category == "overflow":
         if fwd_base in _CASTS:
@@ -236,8 +234,8 @@ def incident_from_event(root: OriginEvent, last: OriginEvent | None, *, step: in
     if last is not None and last is not root:
         where = f"{last.backward_node} in backward" if last.backward_node else f"{last.op} in {last.phase}"
         what = "NaN" if last.kind == "nan" else "Inf"
-        consequence = (f"the {'Inf' if root.kind == 'inf' else 'NaN'} from {fwd_op} was absorbed downstream and "
-                       f"resurfaced as {what} at {where} ({last.frame.file}:{last.frame.line}).")
+        consequence = (f"downstream, the {'Inf' if root.kind == 'inf' else 'NaN'} from {fwd_op} became {what} at "
+                       f"{where} ({last.frame.file}:{last.frame.line}).")
     return Incident(
         step=step,
         phase=root.phase,  # type: ignore[arg-type]

@@ -23,6 +23,10 @@ __all__ = ["LossTape", "TapeEntry", "autocast_state", "restore_autocast"]
 _MAX_ENTRIES = 512
 _BACKWARD = (torch.Tensor.backward, torch.autograd.backward)
 _DEVICE_TYPES = ("cpu", "cuda")
+_NOT_COMPUTATION = {"__get__", "__set__", "__delete__", "__repr__", "__format__", "__str__", "__len__",
+                    "__bool__", "__iter__", "__hash__", "item", "tolist", "numpy", "size", "dim", "numel"}
+_INPLACE_DUNDERS = {"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ipow__", "__setitem__", "__ior__",
+                    "__iand__"}
 
 
 def autocast_state() -> tuple[tuple[str, bool, torch.dtype], ...]:
@@ -61,6 +65,7 @@ class TapeEntry:
     frame: UserFrame
     autocast: tuple[tuple[str, bool, torch.dtype], ...]
     grad_enabled: bool
+    inplace: bool = False
 
 
 class LossTape(TorchFunctionMode):
@@ -84,11 +89,15 @@ class LossTape(TorchFunctionMode):
             self.on_backward(self, tensors)
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _NOT_COMPUTATION or "record_function" in name:
+            return out  # attribute access, profiler marks: nothing to replay
         if len(self.entries) >= _MAX_ENTRIES:
             self.overflowed = True
         else:
+            inplace = name.endswith("_") and not name.endswith("__") or name in _INPLACE_DUNDERS
             self.entries.append(TapeEntry(func, args, kwargs, out, frame_from(sys._getframe(1)), autocast_state(),
-                                          torch.is_grad_enabled()))
+                                          torch.is_grad_enabled(), inplace))
         return out
 
     def start(self) -> None:

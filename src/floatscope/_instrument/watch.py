@@ -45,7 +45,7 @@ __all__ = ["Watch", "watch"]
 OnAnomaly = Literal["raise", "warn", "record"]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Pass:
     """One root forward call and what followed it up to backward."""
 
@@ -62,7 +62,7 @@ class _Pass:
     loss_value: torch.Tensor | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class _Flag:
     kind: Literal["output", "loss", "grads", "params"]
     value: torch.Tensor
@@ -76,6 +76,27 @@ class _Flag:
 class _StepLog:
     losses: list[torch.Tensor] = field(default_factory=list)
     grad_norm: torch.Tensor | None = None
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Hooks never break the user's training: an internal error disables the watch with a warning."""
+
+    def hook(self: "Watch", *args: Any, **kwargs: Any) -> Any:
+        if self._broken:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, never swallowed silently
+            self._broken = True
+            warnings.warn(f"floatscope stopped watching after an internal error in {method.__name__}: "
+                          f"{type(exc).__name__}: {exc}. Training continues unwatched; please report this.",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    hook.__name__ = method.__name__
+    return hook
 
 
 def _float_leaves(tree: Any) -> list[torch.Tensor]:
@@ -202,6 +223,8 @@ class Watch:
         self._skipped_passes: list[_Pass] = []
         self._scale_history: list[float] = []
         self._owns_store = False
+        self._broken = False
+        self._recent_grad_norms: list[float] = []
 
     # ================================================================== lifecycle
     def __enter__(self) -> "Watch":
@@ -359,6 +382,7 @@ class Watch:
 
         return scale
 
+    @_guarded
     def _on_skipped_step(self, scaler: Any) -> None:
         self._last_scaler = scaler
         self._end_tapes()
@@ -369,6 +393,7 @@ class Watch:
         self._skipped_passes = passes
         self.step += 1
 
+    @_guarded
     def _after_scaler_update(self, scaler: Any) -> None:
         if not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
             return
@@ -391,16 +416,16 @@ class Watch:
             self._has_params[key] = has
         return has
 
+    @_guarded
     def _global_pre(self, module: torch.nn.Module, args: tuple[Any, ...]) -> None:
         if self._replaying:
             return
         if self._depth == 0 and self._is_model(module):
-            caller = sys._getframe(1)
-            kwargs = caller.f_locals.get("kwargs", {}) if caller.f_code.co_name == "_call_impl" else {}
-            self._begin_pass(module, args, dict(kwargs) if isinstance(kwargs, dict) else {})
+            self._begin_pass(module, args, _call_kwargs(module, sys._getframe(1)))
             self._add_root(module)
         self._depth += 1
 
+    @_guarded
     def _global_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._replaying:
             return
@@ -408,6 +433,7 @@ class Watch:
         if self._depth == 0 and self._passes and self._passes[-1].module is module and self._passes[-1].outputs is None:
             self._end_pass(output)
 
+    @_guarded
     def _root_pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if self._replaying:
             return
@@ -415,6 +441,7 @@ class Watch:
             self._begin_pass(module, args, dict(kwargs))
         self._depth += 1
 
+    @_guarded
     def _root_post(self, module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
         if self._replaying:
             return
@@ -431,7 +458,8 @@ class Watch:
                                   torch.is_grad_enabled()))
 
     def _has_pending_step(self) -> bool:
-        return any(p.loss is not None for p in self._passes)
+        """True while a captured pass may still feed a backward (training); False for inference."""
+        return any(p.tape is not None or p.loss is not None for p in self._passes)
 
     def _end_pass(self, output: Any) -> None:
         current = self._passes[-1]
@@ -451,6 +479,7 @@ class Watch:
             self._tape.stop()
             self._tape = None
 
+    @_guarded
     def _on_backward(self, tape: LossTape, tensors: Any) -> None:
         owner = next((p for p in reversed(self._passes) if p.tape is tape), None)
         if owner is None:
@@ -469,6 +498,7 @@ class Watch:
     def _params(self, optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
         return [p for g in optimizer.param_groups for p in g["params"] if isinstance(p, torch.Tensor)]
 
+    @_guarded
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._opt_step_calls += 1
         if self._replaying:
@@ -483,6 +513,7 @@ class Watch:
             self._log.grad_norm = torch.linalg.vector_norm(stacked)
         self._sync()
 
+    @_guarded
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         if self._replaying:
             return
@@ -522,6 +553,8 @@ class Watch:
         scale_v = extra.pop(0) if isinstance(scale_t, torch.Tensor) else None
         if scale_v is not None:
             self._scale_history.append(scale_v)
+        if grad_v is not None:
+            self._recent_grad_norms = (self._recent_grad_norms + [grad_v])[-16:]
         passes, self._passes = self._passes, []
         if self.store is not None and (loss_v is not None or grad_v is not None or skipped):
             self.store.add_step(self.run_id, self.step, loss=loss_v, grad_norm=grad_v, loss_scale=scale_v,
@@ -605,7 +638,7 @@ class Watch:
                               "kernels, or inputs/parameters changed in place after the forward)")
         seconds = time.perf_counter() - start
         if incident is not None:
-            return replace(incident, step=self.step, replay_seconds=seconds)
+            return _with_divergence(replace(incident, step=self.step, replay_seconds=seconds), self._recent_grad_norms)
         return self._coarse_incident(passes, phase, bad, reason, seconds)
 
     def _replay(self, passes: list[_Pass]) -> Incident | None:
@@ -617,10 +650,11 @@ class Watch:
         buffers = {id(b): (b, b.detach().clone()) for root in self._roots.values() for b in root.buffers()}
         self._replaying = True
         sinks: list[torch.Tensor] = []
+        mapping: dict[int, Any] = {}
         try:
             with tracer:
                 for p in passes:
-                    sinks = self._replay_pass(tracer, p)
+                    sinks = self._replay_pass(tracer, p, mapping)
                     if tracer.events:
                         break
         finally:
@@ -633,41 +667,48 @@ class Watch:
                     b.copy_(saved)
         return incident_for(tracer, sinks, step=self.step)
 
-    def _replay_pass(self, tracer: OpTracer, p: _Pass) -> list[torch.Tensor]:
-        torch.set_rng_state(p.rng)
-        if p.cuda_rng is not None:
-            torch.cuda.set_rng_state_all(p.cuda_rng)
-        tracer.phase = "forward"
-        with restore_autocast(p.autocast), torch.set_grad_enabled(p.grad_enabled):
-            out = p.module(*p.args, **p.kwargs)
-        mapping: dict[int, Any] = {}
-        for old, new in zip(pytree.tree_leaves(p.outputs), pytree.tree_leaves(out)):
-            if isinstance(old, torch.Tensor):
-                mapping[id(old)] = new
-        sinks = _float_leaves(out)
+    def _replay_pass(self, tracer: OpTracer, p: _Pass, mapping: dict[int, Any]) -> list[torch.Tensor]:
+        """Replay one pass; ``mapping`` (original tensor id -> replayed tensor) spans the step's passes,
+        so a loss built from several forwards (siamese, contrastive, GAN) is rebuilt from the replays."""
 
         def sub(x: Any) -> Any:
             return mapping.get(id(x), x) if isinstance(x, torch.Tensor) else x
 
+        def remember(old_tree: Any, new_tree: Any) -> None:
+            for old, new in zip(pytree.tree_leaves(old_tree), pytree.tree_leaves(new_tree)):
+                if isinstance(old, torch.Tensor):
+                    mapping[id(old)] = new
+
+        torch.set_rng_state(p.rng)
+        if p.cuda_rng is not None:
+            torch.cuda.set_rng_state_all(p.cuda_rng)
+        tracer.phase = "forward"
+        args = pytree.tree_map(sub, p.args)
+        kwargs = pytree.tree_map(sub, p.kwargs)
+        with restore_autocast(p.autocast), torch.set_grad_enabled(p.grad_enabled):
+            out = p.module(*args, **kwargs)
+        remember(p.outputs, out)
+        sinks = _float_leaves(out)
         if p.tape is not None and p.loss is not None:
             for entry in p.tape.entries:
-                args = pytree.tree_map(sub, entry.args)
-                kwargs = pytree.tree_map(sub, entry.kwargs)
+                if entry.inplace and not any(isinstance(t, torch.Tensor) and id(t) in mapping
+                                             for t in entry.args[:1]):
+                    continue  # in-place on a tensor the replay did not make (a parameter, a .grad): skip
+                e_args = pytree.tree_map(sub, entry.args)
+                e_kwargs = pytree.tree_map(sub, entry.kwargs)
                 tracer.frame_override = entry.frame
                 try:
                     with restore_autocast(entry.autocast), torch.set_grad_enabled(entry.grad_enabled):
-                        new_out = entry.func(*args, **kwargs)
+                        new_out = entry.func(*e_args, **e_kwargs)
                 finally:
                     tracer.frame_override = None
-                for old, new in zip(pytree.tree_leaves(entry.out), pytree.tree_leaves(new_out)):
-                    if isinstance(old, torch.Tensor):
-                        mapping[id(old)] = new
+                remember(entry.out, new_out)
         if p.loss is not None:
             losses = [sub(t) for t in pytree.tree_leaves(p.loss) if isinstance(t, torch.Tensor)]
             sinks = [t for t in losses if t.is_floating_point()] + sinks
             params = [q for root in self._roots.values() for q in root.parameters() if q.requires_grad]
             if losses and params and all(t.requires_grad for t in losses):
-                grads = torch.autograd.grad(losses, params, allow_unused=True)
+                grads = torch.autograd.grad(losses, params, allow_unused=True, retain_graph=True)
                 sinks = [g for g in grads if g is not None] + sinks
         return sinks
 
@@ -724,6 +765,39 @@ class Watch:
         incident = replace(base, step=self.step - 1, category="loss-scale-collapse", explanation=explanation,
                            suggestions=suggestions, replay_seconds=seconds)
         self._report(incident)
+
+
+def _with_divergence(incident: Incident, grad_norms: list[float]) -> Incident:
+    """Name a diverging run: an overflow preceded by gradient norms growing step over step."""
+    finite = [g for g in grad_norms if math.isfinite(g) and g > 0]
+    if incident.category != "overflow" or len(finite) < 3 or finite[-1] < 10 * finite[0]:
+        return incident
+    growth = (finite[-1] / finite[0]) ** (1 / (len(finite) - 1))
+    trend = ", ".join(f"{g:.3g}" for g in finite[-6:])
+    healthy = min(finite[: max(1, len(finite) // 2)])
+    explanation = (incident.explanation + f" Training was diverging: the gradient norm grew {growth:.3g}x per step "
+                   f"over the last {len(finite)} steps ({trend}), so weights and activations grew until they overflowed.")
+    suggestions = [f"clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={healthy:.3g}) "
+                   "(the norm before the growth)",
+                   "lower the learning rate (or add warm-up); the growth is the signature of a step size too large "
+                   "for the curvature"] + incident.suggestions
+    return replace(incident, explanation=explanation, suggestions=suggestions)
+
+
+def _call_kwargs(module: torch.nn.Module, frame: Any) -> dict[str, Any]:
+    """Keyword arguments of the module call in progress (global hooks do not receive them).
+
+    ``Module._call_impl(self, *args, **kwargs)`` is at most a few frames above the hook.
+    """
+    for _ in range(4):
+        if frame is None:
+            break
+        if frame.f_code.co_name == "_call_impl":
+            local = frame.f_locals
+            if local.get("self") is module and isinstance(local.get("kwargs"), dict):
+                return dict(local["kwargs"])
+        frame = frame.f_back
+    return {}
 
 
 def _module_of(param_name: str | None) -> str | None:

@@ -1,0 +1,71 @@
+"""Terminal rendering (rich, imported lazily)."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from floatscope._results import Incident, RunResult
+
+__all__ = ["console", "print_incident", "print_result"]
+
+
+def console(stderr: bool = False) -> Any:
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+
+
+def print_incident(incident: Incident, out: Any) -> None:
+    """A panel with the full diagnosis."""
+    from rich.panel import Panel
+    from rich.table import Table
+    from rich.text import Text
+
+    what = "NaN" if incident.kind == "nan" else "Inf"
+    title = f"[bold red]first {what}[/] born in [bold]{incident.phase}[/] at step [bold]{incident.step}[/]"
+    body = Table.grid(padding=(0, 1))
+    body.add_column(style="bold cyan", no_wrap=True)
+    body.add_column()
+    op = incident.op + (f"  (autograd node {incident.backward_node})" if incident.backward_node else "")
+    body.add_row("op", Text(op, style="bold"))
+    if incident.module is not None:
+        body.add_row("module", incident.module or "<root>")
+    if incident.param:
+        body.add_row("parameter", incident.param)
+    body.add_row("where", f"{incident.file}:{incident.line}")
+    if incident.code:
+        body.add_row("", Text(incident.code, style="yellow"))
+    category = incident.category + ("" if incident.exact else "  (approximate: the replay did not reproduce)")
+    body.add_row("category", Text(category, style="magenta"))
+    for i, operand in enumerate(incident.operands):
+        body.add_row(f"input {i}", operand.describe())
+    if incident.output is not None:
+        body.add_row("output", incident.output.describe())
+    for line in incident.optimizer_state:
+        body.add_row("state", line)
+    body.add_row("why", incident.explanation)
+    if incident.consequence:
+        body.add_row("then", incident.consequence)
+    for k, fix in enumerate(incident.suggestions):
+        body.add_row("fix" if k == 0 else "", Text("- " + fix, style="green"))
+    if incident.replay_seconds is not None:
+        body.add_row("replay", f"{incident.replay_seconds:.2f} s")
+    out.print(Panel(body, title=title, title_align="left", border_style="red", expand=False))
+
+
+def print_result(result: RunResult, out: Any, *, store_path: str | None = None) -> None:
+    """The end-of-run summary line, and the incident when there is one."""
+    if result.incident is not None:
+        print_incident(result.incident, out)
+    colour = {"clean": "green", "nonfinite": "red", "error": "yellow"}[result.status]
+    scale = f", loss scale {result.loss_scale:g}" if result.loss_scale is not None else ""
+    where = f" in {store_path}" if store_path and result.run_id else ""
+    out.print(f"[{colour}]{result.status}[/]: {result.steps} steps, {result.skipped_steps} skipped by GradScaler"
+              f"{scale}; run [bold]{result.run_id or '-'}[/]{where}")
+
+
+def fail(message: str) -> int:
+    """Print one clean error line and return exit status 2."""
+    sys.stderr.write(f"floatscope: error: {message}\n")
+    return 2

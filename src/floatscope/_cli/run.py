@@ -1,0 +1,130 @@
+"""``floatscope run [OPTIONS] SCRIPT [ARGS...]``: run a training script unchanged, watched."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import runpy
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from floatscope._cli.render import console, print_result
+from floatscope._errors import NonFiniteError, UsageError
+from floatscope._results import RunResult
+from floatscope._store.sqlite import DEFAULT_STORE
+
+__all__ = ["add_parser", "main", "run_script", "EXIT_INCIDENT"]
+
+EXIT_CLEAN = 0
+EXIT_SCRIPT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INCIDENT = 3
+EXIT_INTERRUPTED = 130
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=str(DEFAULT_STORE), metavar="PATH",
+                        help=f"run store (SQLite) to record into or read from (default: {DEFAULT_STORE})")
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("run", help="run a training script unchanged and find where the first NaN/Inf is born",
+                       description="Run SCRIPT as 'python SCRIPT ARGS' would, watching every model, optimizer and "
+                                   "GradScaler it uses. Exit status: 0 clean, 3 NaN/Inf incident, the script's own "
+                                   "status (1 for an uncaught exception) when it fails, 2 for bad floatscope input.")
+    p.add_argument("--json", metavar="PATH", help="write the result as JSON to PATH")
+    add_store_option(p)
+    p.add_argument("--no-store", action="store_true", help="do not record the run in a store")
+    p.add_argument("--keep-going", action="store_true",
+                   help="record the first incident and let the script continue instead of stopping it")
+    p.add_argument("--max-consecutive-skips", type=int, default=32, metavar="N",
+                   help="GradScaler skips in a row that count as a loss-scale collapse (default 32)")
+    p.add_argument("--no-replay", action="store_true", help="do not replay a failing step to name the op")
+    p.add_argument("script", help="the Python script to run")
+    p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
+    p.set_defaults(handler=main)
+
+
+def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | None, keep_going: bool = False,
+               replay: bool = True, max_consecutive_skips: int = 32, run_name: str | None = None) -> tuple[int, RunResult]:
+    """Run ``script`` as ``__main__`` under a global watch; return (exit status, result).
+
+    The script's ``sys.argv``, ``sys.path[0]`` and working directory are what ``python SCRIPT ARGS``
+    would give it; all are restored afterwards.
+    """
+    from floatscope._instrument.watch import Watch
+
+    path = Path(script)
+    if not path.is_file():
+        raise UsageError(f"script '{script}' does not exist or is not a file")
+    if max_consecutive_skips < 1:
+        raise UsageError("--max-consecutive-skips must be at least 1")
+    command = " ".join(["floatscope", "run", str(script), *argv])
+    watcher = Watch(None, None, on_anomaly="record" if keep_going else "raise", store=store,
+                    run_name=run_name or path.stem, command=command, replay=replay,
+                    max_consecutive_skips=max_consecutive_skips)
+    saved_argv, saved_path = sys.argv[:], sys.path[:]
+    sys.argv = [str(path), *argv]
+    sys.path.insert(0, str(path.resolve().parent))
+    code = EXIT_CLEAN
+    try:
+        with watcher:
+            runpy.run_path(str(path), run_name="__main__")
+    except NonFiniteError:
+        code = EXIT_INCIDENT
+    except SystemExit as exc:
+        code = _exit_code(exc.code)
+    except KeyboardInterrupt:
+        code = EXIT_INTERRUPTED
+    except BaseException as exc:  # the script's own failure: show its traceback, as python would
+        _print_script_traceback(exc, path)
+        code = EXIT_SCRIPT_ERROR
+    finally:
+        sys.argv, sys.path = saved_argv, saved_path
+    result = watcher.result
+    assert result is not None
+    if result.incident is not None:
+        code = EXIT_INCIDENT
+    return code, result
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    sys.stderr.write(f"{code}\n")
+    return 1
+
+
+def _print_script_traceback(exc: BaseException, script: Path) -> None:
+    tb = exc.__traceback__
+    target = str(script.resolve())
+    walk = tb
+    while walk is not None and os.path.abspath(walk.tb_frame.f_code.co_filename) != target:
+        walk = walk.tb_next
+    traceback.print_exception(type(exc), exc, walk or tb, file=sys.stderr)
+
+
+def write_json(path: str, result: RunResult) -> None:
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(result.to_json(indent=2) + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write JSON to {path}: {exc.strerror or exc}") from None
+
+
+def main(args: argparse.Namespace) -> int:
+    store = None if args.no_store else args.store
+    if args.json:
+        parent = Path(args.json).parent
+        if not parent.exists():
+            raise UsageError(f"--json {args.json}: folder {parent} does not exist")
+    code, result = run_script(args.script, args.args, store=store, keep_going=args.keep_going,
+                              replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips)
+    print_result(result, console(stderr=True), store_path=store)
+    if args.json:
+        write_json(args.json, result)
+    return code

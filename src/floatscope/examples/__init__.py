@@ -1,0 +1,1 @@
+"""Bundled example training scripts, each with one real numerical bug. ``floatscope demo`` runs them."""
