@@ -18,7 +18,7 @@ _DIVISION = {"div", "div_", "reciprocal", "rsqrt", "true_divide", "floor_divide"
 _LOG = {"log", "log2", "log10", "log_", "log1p", "xlogy", "special_xlogy"}
 _DOMAIN = {"sqrt", "log", "log2", "log10", "log1p", "acos", "asin", "acosh", "atanh", "pow", "rsqrt", "lgamma",
            "digamma", "polygamma", "erfinv"}
-_UNDERFLOW_PRODUCERS = {"exp", "_softmax", "softmax", "sigmoid", "prod", "mul", "pow", "cumprod", "_to_copy",
+_UNDERFLOW_PRODUCERS = {"exp", "_softmax", "softmax", "sigmoid", "prod", "mul", "pow", "cumprod", "_to_copy", "rsub",
                         "exp2", "mm", "bmm", "addmm", "div"}
 _CASTS = {"_to_copy", "to", "copy_", "_to_dtype"}
 
@@ -124,6 +124,12 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                     f"(below {ops[0].dtype_smallest_normal:.3g} and then below the subnormals); log(0) = -inf.")
             fixes = ["sum logs instead of multiplying probabilities: torch.log(p).sum(dim) (or log_softmax "
                      "outputs summed)"]
+        elif producer in {"rsub", "sub"}:
+            text = (f"log(1 - p) with p saturated to exactly 1 in {dtype} (a sigmoid or softmax of large logits): "
+                    f"{ops[0].zeros} element(s) of 1 - p are 0, and log(0) = -inf. This is binary cross-entropy "
+                    f"written by hand on a saturated sigmoid.")
+            fixes = ["compute BCE from logits: F.binary_cross_entropy_with_logits(logits, y) "
+                     "(or F.logsigmoid(x) and F.logsigmoid(-x) for log p and log(1 - p))"]
         elif producer in {"exp", "exp2"}:
             text = f"log(exp(x)) with exp underflowed to 0 in {dtype}; log(0) = -inf."
             fixes = ["stay in log space: log(exp(x)) is x; use torch.logsumexp for log(sum(exp(x)))"]
@@ -148,6 +154,7 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             fixes += ["compute this op in float32 (x.float().exp()) or under torch.autocast, which runs exp/"
                       "softmax in float32",
                       "train in bfloat16, whose range matches float32"]
+        fixes.append("if this is log(1 + exp(x)), use torch.nn.functional.softplus(x), which never forms exp(x)")
         fixes.append("if this is a VAE's exp(logvar) or a learned temperature, clamp the exponent "
                      "(e.g. logvar.clamp(-30, 20)) before exp")
         return text, fixes

@@ -6,7 +6,7 @@ import linecache
 import os
 import sys
 from dataclasses import dataclass
-from types import FrameType
+from types import CodeType, FrameType
 
 import torch
 
@@ -48,7 +48,8 @@ _ENGINE_FILES = (os.sep + os.path.join("torch", "autograd", "graph.py"),
                  os.sep + os.path.join("torch", "autograd", "__init__.py"))
 
 
-def frame_from(frame: FrameType | None, *, engine_boundary: bool = False) -> UserFrame:
+def frame_from(frame: FrameType | None, *, engine_boundary: bool = False,
+               boundary: "set[CodeType] | None" = None, fallback: UserFrame | None = None) -> UserFrame:
     """Walk outward from ``frame`` to the first frame that is user code.
 
     With ``engine_boundary``, stop (returning an unknown frame) at the autograd engine's entry:
@@ -59,6 +60,9 @@ def frame_from(frame: FrameType | None, *, engine_boundary: bool = False) -> Use
         code = frame.f_code
         if engine_boundary and code.co_filename.endswith(_ENGINE_FILES):
             return _UNKNOWN
+        if boundary and code in boundary:
+            # Reached the code that is replaying the user's call: blame where the user made that call.
+            return fallback or _UNKNOWN
         if not _is_internal(code.co_filename):
             return UserFrame(os.path.abspath(code.co_filename), frame.f_lineno, code.co_name)
         frame = frame.f_back

@@ -139,7 +139,7 @@ class _Tagger(TorchFunctionMode):
         tr = self.tracer
         if func in _UNTRACKED_FUNCS:
             return func(*args, **kwargs)
-        frame = tr.frame_override or frame_from(sys._getframe(1))
+        frame = tr.frame_override or tr.frame_at(sys._getframe(1))
         tag = ForwardTag(_func_name(func), frame, tr.current_module())
         previous, tr.current_tag = tr.current_tag, tag
         try:
@@ -202,6 +202,9 @@ class OpTracer:
         self.producer: dict[tuple[Any, ...], str] = {}
         self.module_stack: list[str] = []
         self.roots: list[torch.nn.Module] = []
+        self.tag_events: dict[int, int] = {}
+        self.boundary: set[Any] = set()
+        self.fallback_frame: UserFrame | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.current_tag: ForwardTag | None = None
         self.frame_override: UserFrame | None = None
@@ -256,6 +259,10 @@ class OpTracer:
     def _exit_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         if self.module_stack:
             self.module_stack.pop()
+
+    def frame_at(self, frame: Any) -> UserFrame:
+        """The user frame for an op called from ``frame``, bounded by the replay driver."""
+        return frame_from(frame, boundary=self.boundary, fallback=self.fallback_frame)
 
     def current_module(self) -> str | None:
         return self.module_stack[-1] if self.module_stack else None
@@ -369,8 +376,13 @@ class OpTracer:
             if tag is not None:
                 frame, module, function = tag.frame, tag.module, tag.function
             else:
-                frame = self.frame_override or frame_from(sys._getframe(2))
+                frame = self.frame_override or self.frame_at(sys._getframe(2))
                 module, function = self.current_module(), None
+        if forward_tag is not None and parent is None and id(forward_tag) in self.tag_events:
+            # The gradient of an op that already produced Inf/NaN in forward: the forward op is the origin.
+            parent = self.tag_events[id(forward_tag)]
+        if node is None and tag is not None:
+            self.tag_events.setdefault(id(tag), len(self.events))
         bad = next((t for t, (n, i) in zip(outputs, out_flags) if n or i), outputs[0])
         return self._append(OriginEvent(
             index=len(self.events), op=name, phase=phase, kind=kind, module=module, frame=frame,

@@ -56,6 +56,7 @@ class _Pass:
     cuda_rng: list[torch.Tensor] | None
     autocast: tuple[tuple[str, bool, torch.dtype], ...]
     grad_enabled: bool
+    call_site: UserFrame | None = None
     outputs: Any = None
     tape: LossTape | None = None
     loss: Any = None
@@ -455,7 +456,7 @@ class Watch:
             self._sync()  # forward-only use (no optimizer): one sync per forward
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         self._passes.append(_Pass(module, args, kwargs, torch.get_rng_state(), cuda_rng, autocast_state(),
-                                  torch.is_grad_enabled()))
+                                  torch.is_grad_enabled(), frame_from(sys._getframe(2))))
 
     def _has_pending_step(self) -> bool:
         """True while a captured pass may still feed a backward (training); False for inference."""
@@ -643,6 +644,7 @@ class Watch:
 
     def _replay(self, passes: list[_Pass]) -> Incident | None:
         tracer = OpTracer()
+        tracer.boundary = {Watch._replay_pass.__code__}
         for root in self._roots.values():
             tracer.add_root(root)
         cpu_rng = torch.get_rng_state()
@@ -683,6 +685,7 @@ class Watch:
         if p.cuda_rng is not None:
             torch.cuda.set_rng_state_all(p.cuda_rng)
         tracer.phase = "forward"
+        tracer.fallback_frame = p.call_site
         args = pytree.tree_map(sub, p.args)
         kwargs = pytree.tree_map(sub, p.kwargs)
         with restore_autocast(p.autocast), torch.set_grad_enabled(p.grad_enabled):

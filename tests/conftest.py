@@ -1,0 +1,58 @@
+"""Shared helpers: where a marked line is, and what global PyTorch state must be left untouched."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+
+def line_of(marker: str, path: str | Path | None = None) -> tuple[str, int]:
+    """(absolute file, line number) of the line containing ``marker`` in ``path`` (default: caller)."""
+    if path is None:
+        path = inspect.stack()[1].filename
+    path = Path(path).resolve()
+    for number, text in enumerate(path.read_text().splitlines(), start=1):
+        if marker in text:
+            return str(path), number
+    raise AssertionError(f"marker {marker!r} not in {path}")
+
+
+def torch_global_state() -> dict[str, Any]:
+    """Everything an instrument could leave behind: hooks, modes, flags, patched methods."""
+    from torch.amp.grad_scaler import GradScaler
+    from torch.nn.modules import module as nn_module
+    from torch.optim import optimizer as optim_module
+
+    return {
+        "forward_pre": dict(nn_module._global_forward_pre_hooks),
+        "forward": dict(nn_module._global_forward_hooks),
+        "backward": dict(nn_module._global_backward_hooks),
+        "backward_pre": dict(nn_module._global_backward_pre_hooks),
+        "opt_pre": dict(optim_module._global_optimizer_pre_hooks),
+        "opt_post": dict(optim_module._global_optimizer_post_hooks),
+        "function_modes": len(torch.overrides._get_current_function_mode_stack()),
+        "dispatch_modes": torch._C._len_torch_dispatch_stack(),
+        "anomaly": torch.is_anomaly_enabled(),
+        "grad_enabled": torch.is_grad_enabled(),
+        "scaler_step": GradScaler.step,
+        "scaler_update": GradScaler.update,
+        "scaler_scale": GradScaler.scale,
+        "autocast_cpu": torch.is_autocast_enabled("cpu"),
+    }
+
+
+@pytest.fixture
+def store_path(tmp_path: Path) -> Path:
+    return tmp_path / "runs.sqlite"
+
+
+@pytest.fixture(autouse=True)
+def _no_leaks() -> Any:
+    """Every test must leave PyTorch's global state exactly as it found it."""
+    before = torch_global_state()
+    yield
+    assert torch_global_state() == before
