@@ -178,14 +178,8 @@ class Watch:
     ) -> None:
         if on_anomaly not in ("raise", "warn", "record"):
             raise UsageError(f"on_anomaly must be 'raise', 'warn' or 'record', not {on_anomaly!r}")
-        models = [model] if isinstance(model, torch.nn.Module) else list(model or [])
-        for m in models:
-            if not isinstance(m, torch.nn.Module):
-                raise UsageError(f"watch() expects torch.nn.Module models, got {type(m).__name__}")
-        optimizers = [optimizer] if isinstance(optimizer, torch.optim.Optimizer) else list(optimizer or [])
-        for o in optimizers:
-            if not isinstance(o, torch.optim.Optimizer):
-                raise UsageError(f"watch() expects torch.optim.Optimizer optimizers, got {type(o).__name__}")
+        models = _as_list(model, torch.nn.Module, "model", "torch.nn.Module")
+        optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer", "torch.optim.Optimizer")
         if max_consecutive_skips < 1:
             raise UsageError("max_consecutive_skips must be at least 1")
         self.models = models
@@ -628,6 +622,8 @@ class Watch:
             reason = "replay is disabled (replay=False)"
         elif not passes:
             reason = "no forward pass of a watched model was captured for this step"
+        elif (bad_input := self._input_incident(passes, nan_only=True)) is not None:
+            return bad_input
         else:
             try:
                 incident = self._replay(passes)
@@ -638,6 +634,8 @@ class Watch:
                     reason = ("the replay with the same inputs, RNG and autocast state stayed finite (non-deterministic "
                               "kernels, or inputs/parameters changed in place after the forward)")
         seconds = time.perf_counter() - start
+        if incident is None and passes:
+            incident = self._input_incident(passes, nan_only=False)
         if incident is not None:
             return _with_divergence(replace(incident, step=self.step, replay_seconds=seconds), self._recent_grad_norms)
         return self._coarse_incident(passes, phase, bad, reason, seconds)
@@ -715,6 +713,29 @@ class Watch:
                 sinks = [g for g in grads if g is not None] + sinks
         return sinks
 
+    def _input_incident(self, passes: list[_Pass], *, nan_only: bool) -> Incident | None:
+        """An incident for a model call whose inputs already held NaN (or Inf): the data is broken."""
+        for p in passes:
+            for index, t in enumerate(_float_leaves((p.args, p.kwargs))):
+                stats = operand_stats(t)
+                if stats.nan or (stats.inf and not nan_only):
+                    frame = p.call_site or UserFrame("<unknown>", 0, "<unknown>")
+                    paths = {id(m): n for root in self._roots.values() for n, m in root.named_modules()}
+                    what = f"{stats.nan} NaN" if stats.nan else f"{stats.inf} Inf"
+                    return Incident(
+                        step=self.step, phase="forward", kind="nan" if stats.nan else "inf", op="<input>",
+                        backward_node=None, module=paths.get(id(p.module), ""), param=None, file=frame.file,
+                        line=frame.line, category="input",
+                        explanation=(f"input {index} of the call to {type(p.module).__name__} ({stats.dtype}, shape "
+                                     f"{stats.shape}) already held {what} before any op ran: the data, not the "
+                                     f"model, produced it."),
+                        suggestions=["check the data pipeline for this batch (missing values, division by a zero "
+                                     "std in normalisation, log of 0 in feature engineering)",
+                                     "validate batches: assert torch.isfinite(x).all(), or torch.nan_to_num(x)"],
+                        operands=[stats], code=frame.code or None, function=frame.function,
+                    )
+        return None
+
     def _coarse_incident(self, passes: list[_Pass], phase: str, bad: list[_Flag], reason: str,
                          seconds: float) -> Incident:
         """The finest origin known without a replay: phase, root module, and what was non-finite."""
@@ -768,6 +789,17 @@ class Watch:
         incident = replace(base, step=self.step - 1, category="loss-scale-collapse", explanation=explanation,
                            suggestions=suggestions, replay_seconds=seconds)
         self._report(incident)
+
+
+def _as_list(value: Any, cls: type, what: str, expected: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, cls):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, cls) for v in value):
+        return list(value)
+    raise UsageError(f"watch() expects {what} to be a {expected} (or a list of them), got {type(value).__name__}; "
+                     f"pass {what}=None to watch every one the code uses")
 
 
 def _with_divergence(incident: Incident, grad_norms: list[float]) -> Incident:
