@@ -61,8 +61,11 @@ def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | 
         raise UsageError(f"script '{script}' does not exist or is not a file")
     if max_consecutive_skips < 1:
         raise UsageError("--max-consecutive-skips must be at least 1")
+    from floatscope._store.sqlite import RunStore
+
     command = " ".join(["floatscope", "run", str(script), *argv])
-    watcher = Watch(None, None, on_anomaly="record" if keep_going else "raise", store=store,
+    run_store = RunStore(store) if store is not None else None  # a bad store fails here, before the script runs
+    watcher = Watch(None, None, on_anomaly="record" if keep_going else "raise", store=run_store,
                     run_name=run_name or path.stem, command=command, replay=replay,
                     max_consecutive_skips=max_consecutive_skips)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
@@ -83,6 +86,8 @@ def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | 
         code = EXIT_SCRIPT_ERROR
     finally:
         sys.argv, sys.path = saved_argv, saved_path
+        if run_store is not None:
+            run_store.close()
     result = watcher.result
     assert result is not None
     if result.incident is not None:

@@ -38,7 +38,9 @@ def runs_main(args: argparse.Namespace) -> int:
     store = _open(args.store)
     try:
         table = Table(title=f"runs in {args.store}", title_justify="left")
-        for col in ("run", "started", "status", "steps", "skipped", "origin", "command"):
+        for col in ("run", "started", "status", "steps", "skipped"):
+            table.add_column(col, no_wrap=True)
+        for col in ("origin", "command"):
             table.add_column(col, overflow="fold")
         for r in store.runs():
             inc = r.incident

@@ -1,0 +1,195 @@
+"""The command line: exit codes, JSON, the store commands, crash durability, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from floatscope import RunStore
+
+CLI = [sys.executable, "-m", "floatscope"]
+
+
+def floatscope(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def write(path: Path, source: str) -> Path:
+    path.write_text(textwrap.dedent(source))
+    return path
+
+
+TRAIN = """
+import sys
+import torch
+torch.manual_seed(0)
+model = torch.nn.Linear(4, 2)
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+steps = int(sys.argv[1]) if len(sys.argv) > 1 else 5
+for step in range(steps):
+    x = torch.randn(8, 4) * (1e30 if step == BAD else 1.0)
+    loss = model(x).pow(2).mean()  # MARK
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    print("step", step, flush=True)
+"""
+
+
+def test_clean_script_exits_0_and_records_the_run(tmp_path):
+    script = write(tmp_path / "train.py", TRAIN.replace("BAD", "-1"))
+    proc = floatscope("run", "--json", "out.json", "train.py", "3", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "step 2" in proc.stdout and "step 3" not in proc.stdout  # ARGS reached the script
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["status"] == "clean" and result["steps"] == 3 and result["incident"] is None
+    store = RunStore(tmp_path / ".floatscope" / "runs.sqlite")
+    assert store.get(result["run_id"]).status == "clean"
+    store.close()
+    assert script.exists()
+
+
+def test_incident_exits_3_with_json_diagnosis(tmp_path):
+    write(tmp_path / "train.py", TRAIN.replace("BAD", "2"))
+    proc = floatscope("run", "--json", "out.json", "train.py", cwd=tmp_path)
+    assert proc.returncode == 3, proc.stderr
+    assert "step 2" not in proc.stdout  # stopped at the incident
+    incident = json.loads((tmp_path / "out.json").read_text())["incident"]
+    assert incident["op"] == "aten.pow.Tensor_Scalar" and incident["phase"] == "forward"
+    assert incident["step"] == 2 and incident["line"] == 10
+    assert incident["file"] == str((tmp_path / "train.py").resolve())
+    assert set(incident) >= {"kind", "backward_node", "module", "param", "category", "explanation", "suggestions",
+                             "operands"}
+    assert incident["operands"][0]["dtype"] == "float32"
+    assert "aten.pow.Tensor_Scalar" in proc.stderr and "overflow" in proc.stderr
+
+
+def test_keep_going_lets_the_script_finish(tmp_path):
+    write(tmp_path / "train.py", TRAIN.replace("BAD", "1"))
+    proc = floatscope("run", "--keep-going", "--json", "o.json", "train.py", "4", cwd=tmp_path)
+    assert proc.returncode == 3
+    assert "step 3" in proc.stdout
+    assert json.loads((tmp_path / "o.json").read_text())["incident"]["step"] == 1
+
+
+def test_script_errors_keep_their_traceback_and_status(tmp_path):
+    write(tmp_path / "broken.py", "import torch\nx = torch.ones(2)\nraise KeyError('missing column')\n")
+    proc = floatscope("run", "--json", "o.json", "broken.py", cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "broken.py\", line 3" in proc.stderr and "KeyError: 'missing column'" in proc.stderr
+    assert "floatscope/_cli" not in proc.stderr
+    assert json.loads((tmp_path / "o.json").read_text())["status"] == "error"
+    write(tmp_path / "exits.py", "import sys\nsys.exit(5)\n")
+    assert floatscope("run", "exits.py", cwd=tmp_path).returncode == 5
+
+
+def test_bad_cli_input_is_one_line_and_exit_2(tmp_path):
+    proc = floatscope("run", "missing.py", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "missing.py" in proc.stderr and "Traceback" not in proc.stderr
+    proc = floatscope("run", "--max-consecutive-skips", "0", "x.py", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert floatscope("show", "nothing", cwd=tmp_path).returncode == 2
+
+
+def test_corrupt_and_foreign_stores_are_clear_errors(tmp_path):
+    write(tmp_path / "train.py", TRAIN.replace("BAD", "-1"))
+    (tmp_path / "junk.sqlite").write_bytes(b"this is not a database at all" * 100)
+    proc = floatscope("run", "--store", "junk.sqlite", "train.py", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a readable floatscope run store" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    db = sqlite3.connect(tmp_path / "other.sqlite")
+    db.execute("CREATE TABLE customers (id INTEGER)")
+    db.commit()
+    db.close()
+    proc = floatscope("runs", "--store", "other.sqlite", cwd=tmp_path)
+    assert proc.returncode == 2 and "not a floatscope run store" in proc.stderr
+
+
+def test_runs_and_show_reprint_the_diagnosis(tmp_path):
+    write(tmp_path / "train.py", TRAIN.replace("BAD", "2"))
+    run = floatscope("run", "--json", "o.json", "train.py", cwd=tmp_path)
+    run_id = json.loads((tmp_path / "o.json").read_text())["run_id"]
+    listing = floatscope("runs", cwd=tmp_path)
+    assert listing.returncode == 0 and run_id in listing.stdout and "nonfinite" in listing.stdout
+    shown = floatscope("show", run_id[:10], "--json", "again.json", cwd=tmp_path)
+    assert shown.returncode == 3
+    squeezed = re.sub(r"[\s│]", "", shown.stdout)  # long paths wrap inside the panel
+    assert "aten.pow.Tensor_Scalar" in shown.stdout and "train.py:10" in squeezed
+    assert json.loads((tmp_path / "again.json").read_text())["incident"]["line"] == 10
+    assert run.returncode == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_kill_9_keeps_what_was_committed(tmp_path):
+    write(tmp_path / "killed.py", """
+        import os, signal, time
+        import torch
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(8):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step == 5:
+                time.sleep(0.7)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    proc = floatscope("run", "killed.py", cwd=tmp_path)
+    assert proc.returncode == -signal.SIGKILL
+    store = RunStore(tmp_path / ".floatscope" / "runs.sqlite")
+    record = store.runs()[0]
+    assert record.status == "running"
+    assert len(store.steps(record.id)) >= 6
+    store.close()
+    shown = floatscope("show", "last", cwd=tmp_path)
+    assert shown.returncode == 0 and "never finished" in shown.stdout
+
+
+def test_demo_diagnoses_every_bundled_example(tmp_path):
+    proc = floatscope("demo", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    for name, op in [("lstm_divergence", "aten.pow"), ("log_softmax_underflow", "aten.log.default"),
+                     ("fp16_exp_overflow", "aten.exp.default"), ("sqrt_at_zero", "aten.sqrt"),
+                     ("zero_norm_div", "aten.div.Tensor"), ("adam_fp16_eps", "Adam.step")]:
+        assert name in out
+    assert "missed" not in out
+    store = RunStore(tmp_path / ".floatscope" / "runs.sqlite")
+    runs = store.runs()
+    assert len(runs) == 6 and all(r.status == "nonfinite" for r in runs)
+    ops = {r.name: r.incident.op for r in runs}
+    assert ops["demo:fp16_exp_overflow"] == "aten.exp.default"
+    assert ops["demo:sqrt_at_zero"] == "aten.sqrt.default"
+    assert ops["demo:adam_fp16_eps"] == "Adam.step"
+    assert {r.incident.phase for r in runs} == {"forward", "backward", "optimizer"}
+    store.close()
+
+
+def test_import_has_no_side_effects():
+    code = textwrap.dedent("""
+        import sys
+        import torch
+        from torch.nn.modules import module as m
+        from torch.optim import optimizer as o
+        before = (dict(m._global_forward_hooks), dict(m._global_forward_pre_hooks), dict(o._global_optimizer_pre_hooks))
+        import floatscope
+        after = (dict(m._global_forward_hooks), dict(m._global_forward_pre_hooks), dict(o._global_optimizer_pre_hooks))
+        assert before == after
+        assert len(torch.overrides._get_current_function_mode_stack()) == 0
+        heavy = [n for n in ("rich", "plotly", "onnx", "onnxruntime", "jinja2", "transformers") if n in sys.modules]
+        assert not heavy, heavy
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "ok", proc.stderr
