@@ -26,7 +26,7 @@ def print_incident(incident: Incident, out: Any) -> None:
     title = f"[bold red]first {what}[/] born in [bold]{incident.phase}[/] at step [bold]{incident.step}[/]"
     body = Table.grid(padding=(0, 1))
     body.add_column(style="bold cyan", no_wrap=True)
-    body.add_column()
+    body.add_column(overflow="fold")
     op = incident.op + (f"  (autograd node {incident.backward_node})" if incident.backward_node else "")
     body.add_row("op", Text(op, style="bold"))
     if incident.module is not None:
