@@ -193,3 +193,21 @@ def test_import_has_no_side_effects():
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.stdout.strip() == "ok", proc.stderr
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("x = torch.ones(2)\n", 0),
+    ("raise ValueError('bad config')\n", 1),
+    ("m = torch.nn.Linear(2, 2)\nm(torch.full((1, 2), float('nan'))).sum().backward()\n"
+     "torch.optim.SGD(m.parameters(), lr=1.0).step()\n", 3),
+])
+def test_run_leaves_no_trace_in_process(tmp_path, capsys, body, expected):
+    from conftest import torch_global_state
+    from floatscope._cli.run import run_script
+
+    script = write(tmp_path / "s.py", "import torch\n" + body)
+    before_state, argv, path = torch_global_state(), sys.argv[:], sys.path[:]
+    code, result = run_script(script, ["--flag"], store=None)
+    assert code == expected
+    assert torch_global_state() == before_state
+    assert sys.argv == argv and sys.path == path

@@ -45,7 +45,9 @@ def main(args: argparse.Namespace) -> int:
 
     out = console()
     summary = Table(title="floatscope demo", title_justify="left")
-    for col in ("example", "phase", "step", "op", "module / parameter", "where", "category"):
+    for col in ("example", "phase", "step"):
+        summary.add_column(col, no_wrap=True)
+    for col in ("op", "module / parameter", "where", "category"):
         summary.add_column(col, overflow="fold")
     failures = 0
     total_start = time.perf_counter()
