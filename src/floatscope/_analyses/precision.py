@@ -1,0 +1,728 @@
+"""What low precision costs a model, module by module and op by op, against float64.
+
+The model runs three ways:
+
+1. **reference**: a float64 copy; every module's inputs and outputs and every compute op's output
+   are kept. Each op is also re-run on its inputs rounded to the target precision, which gives the
+   op's *local error* in flight.
+2. **low precision**: a copy in the target dtype (``mode="cast"``) or the float32 model under
+   ``torch.autocast(dtype)`` (``mode="autocast"``). Modules are aligned with the reference by
+   dotted path and call index; ops by (module call, op name, occurrence). Casts and views are not
+   compute ops, so the casts autocast inserts do not break the alignment.
+3. **per module**: each module call runs again in low precision on its reference inputs rounded to
+   the target precision. This is the module's local error.
+
+Formulas are in :mod:`floatscope._numerics.errors`. ``amplification = propagated error of the
+module's output / propagated error of its floating inputs``; it is None when the inputs carry no
+error (integer token ids, say).
+
+A module is *flagged* when its local error exceeds the tolerance or its reference output comes
+within 1 bit of the format's max.
+
+Ranking (largest contribution first): the candidates are the ``max_candidates`` modules with the
+largest local error, leaf modules first. Each is measured by the output error of a run where
+**only that module** is in low precision and everything else is float64. The other modules follow,
+by local error.
+
+Policy search: greedily keep the next-ranked module in float32 until the output error meets the
+tolerance, each step verified by a real run; then drop any kept module whose removal still meets
+it. The search is not limited to contiguous blocks, and it costs one forward pass per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from floatscope._errors import UsageError
+from floatscope._instrument.tracer import _NO_CHECK, op_base
+from floatscope._numerics.errors import bits_correct, max_ulp_error, relative_error, subnormal_fraction
+from floatscope._numerics.formats import format_of
+from floatscope._results import to_json_value
+
+__all__ = ["analyze", "keep_in_fp32", "PrecisionResult", "ModuleError", "OpError", "Accumulation",
+           "Recommendation", "DEFAULT_TOLERANCE"]
+
+Mode = Literal["cast", "autocast"]
+
+DEFAULT_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5}
+_CASTS = {"_to_copy", "to", "copy_", "_copy_from", "_copy_from_and_resize", "clone", "lift_fresh_copy",
+          "detach_", "zero_", "fill_", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
+          "new_ones", "new_full", "scalar_tensor", "arange", "zeros", "ones", "full"}
+
+
+@dataclass(frozen=True)
+class ModuleError:
+    """Precision metrics of one module (all its calls together). See the module docstring."""
+
+    name: str
+    type: str
+    calls: int
+    propagated_error: float
+    local_error: float
+    amplification: float | None
+    bits_correct: float
+    max_ulp: float
+    headroom_bits: float
+    subnormal_fraction: float
+    nonfinite: int
+    params: int
+    output_error_alone: float | None = None  # output error when only this module runs in low precision
+
+
+@dataclass(frozen=True)
+class OpError:
+    """Precision metrics of one compute op call, aligned between the two runs."""
+
+    module: str
+    op: str
+    index: int
+    propagated_error: float
+    local_error: float
+    bits_correct: float
+    max_ulp: float
+    headroom_bits: float
+    nonfinite: int
+
+
+@dataclass(frozen=True)
+class Accumulation:
+    """Error at each time step of a sequence module, and its fitted growth.
+
+    ``model`` is ``"linear"`` (error ~ a + growth_per_step * t) or ``"exponential"``
+    (error ~ a * growth_per_step ** t), whichever has the smaller squared residual.
+    """
+
+    module: str
+    error: list[float]
+    growth_per_step: float
+    model: Literal["linear", "exponential"]
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    keep_fp32: list[str]
+    tolerance: float
+    output_error_after: float
+    output_error_before: float
+    tolerance_met: bool
+    fp32_param_fraction: float
+    evaluations: int
+    snippet: str
+
+
+@dataclass(frozen=True)
+class PrecisionResult:
+    """Everything :func:`analyze` measured. ``to_dict()`` gives the ``--json`` contract."""
+
+    dtype: str
+    mode: Mode
+    output_error: float
+    output_nonfinite: int
+    modules: list[ModuleError]
+    ops: list[OpError]
+    ranking: list[str]
+    recommendation: Recommendation | None
+    accumulation: Accumulation | None
+    accumulations: list[Accumulation] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+    flagged: list[str] = field(default_factory=list)
+    tolerance: float = math.nan
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return to_json_value(asdict(self))
+
+    def module(self, name: str) -> ModuleError:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+
+# ============================================================================ recording
+class _Calls:
+    """Module calls (path, call index) -> inputs and outputs, recorded with forward hooks."""
+
+    def __init__(self, model: torch.nn.Module, keep_inputs: bool) -> None:
+        self.paths = {id(m): n for n, m in model.named_modules()}
+        self.model = model
+        self.keep_inputs = keep_inputs
+        self.count: dict[str, int] = {}
+        self.inputs: dict[tuple[str, int], tuple[tuple[Any, ...], dict[str, Any]]] = {}
+        self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.input_leaves: dict[tuple[str, int], list[torch.Tensor]] = {}
+        self.stack: list[tuple[str, int]] = []
+        self.handles: list[Any] = []
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        for module in self.model.modules():
+            self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(module.register_forward_hook(self._post, always_call=True))
+        try:
+            yield
+        finally:
+            for h in self.handles:
+                h.remove()
+            self.handles = []
+
+    def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        path = self.paths.get(id(module), type(module).__name__)
+        idx = self.count.get(path, 0)
+        self.count[path] = idx + 1
+        key = (path, idx)
+        self.stack.append(key)
+        leaves = _float_leaves((args, kwargs))
+        self.input_leaves[key] = [t.detach().clone() for t in leaves]
+        if self.keep_inputs:
+            self.inputs[key] = pytree.tree_map(_detach_clone, (args, kwargs))
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        key = self.stack.pop() if self.stack else None
+        if key is not None:
+            self.outputs[key] = [t.detach().clone() for t in _float_leaves(output)]
+
+    def current(self) -> tuple[str, int]:
+        return self.stack[-1] if self.stack else ("", -1)
+
+
+def _detach_clone(x: Any) -> Any:
+    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+
+
+def _float_leaves(tree: Any) -> list[torch.Tensor]:
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+class _OpRecorder(TorchDispatchMode):
+    """Records each compute op's float output under its alignment key; optionally its local error."""
+
+    def __init__(self, calls: _Calls, *, local_dtype: torch.dtype | None = None, mode: Mode = "cast",
+                 device_type: str = "cpu") -> None:
+        super().__init__()
+        self.calls = calls
+        self.local_dtype = local_dtype
+        self.mode = mode
+        self.device_type = device_type
+        self.seen: dict[tuple[str, int, str], int] = {}
+        self.outputs: dict[tuple[str, int, str, int], torch.Tensor] = {}
+        self.local: dict[tuple[str, int, str, int], float] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        base = op_base(str(func))
+        if base in _NO_CHECK or base in _CASTS:
+            return out
+        leaves = _float_leaves(out)
+        if not leaves:
+            return out
+        path, call = self.calls.current()
+        stem = (path, call, str(func))
+        n = self.seen.get(stem, 0)
+        self.seen[stem] = n + 1
+        key = (*stem, n)
+        self.outputs[key] = leaves[0].detach().clone()
+        if self.local_dtype is not None and not func._schema.is_mutable:
+            self.local[key] = self._local_error(func, args, kwargs, leaves[0])
+        return out
+
+    def _local_error(self, func: Any, args: Any, kwargs: Any, ref: torch.Tensor) -> float:
+        target = self.local_dtype if self.mode == "cast" else torch.float32
+
+        def lower(x: Any) -> Any:
+            return x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        try:
+            with (torch.autocast(self.device_type, dtype=self.local_dtype) if self.mode == "autocast"
+                  else contextlib.nullcontext()):
+                low = func(*pytree.tree_map(lower, args), **pytree.tree_map(lower, kwargs))
+            low_leaves = _float_leaves(low)
+            return relative_error(low_leaves[0], ref) if low_leaves and low_leaves[0].shape == ref.shape else math.nan
+        except (RuntimeError, TypeError, NotImplementedError):  # op not implemented for this dtype/device
+            return math.nan
+
+
+# ============================================================================ low-precision execution
+def _lower_inputs(inputs: tuple[Any, ...], dtype: torch.dtype) -> tuple[Any, ...]:
+    return pytree.tree_map(lambda x: x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x,
+                           inputs)
+
+
+class _ModulePolicy:
+    """Hooks that run chosen modules in another precision than the rest of the model."""
+
+    def __init__(self, modules: Sequence[torch.nn.Module], *, compute: torch.dtype, outer: torch.dtype | None,
+                 autocast_dtype: torch.dtype | None, device_type: str, autocast: bool = True) -> None:
+        self.handles: list[Any] = []
+        self.contexts: list[Any] = []
+        self.use_autocast = autocast
+        self.compute, self.outer = compute, outer
+        self.autocast_dtype, self.device_type = autocast_dtype, device_type
+        for m in modules:
+            self.handles.append(m.register_forward_pre_hook(self._pre, with_kwargs=True))
+            self.handles.append(m.register_forward_hook(self._post, always_call=True))
+
+    def _pre(self, module: torch.nn.Module, args: Any, kwargs: Any) -> Any:
+        if not self.use_autocast:
+            ctx: Any = contextlib.nullcontext()
+        elif self.autocast_dtype is not None:
+            ctx = torch.autocast(self.device_type, dtype=self.autocast_dtype)
+        else:
+            ctx = torch.autocast(self.device_type, enabled=False)
+        ctx.__enter__()
+        self.contexts.append(ctx)
+        return _lower_inputs(args, self.compute), pytree.tree_map(
+            lambda x: x.to(self.compute) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, kwargs)
+
+    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> Any:
+        if self.contexts:
+            self.contexts.pop().__exit__(None, None, None)
+        if self.outer is None:
+            return None
+        return pytree.tree_map(
+            lambda x: x.to(self.outer) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, output)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def keep_in_fp32(model: torch.nn.Module, names: Sequence[str]) -> _ModulePolicy:
+    """Run the named modules in float32, the rest of the model as it is (e.g. under autocast).
+
+    Inside the named modules autocast is disabled and floating inputs are cast to float32; the
+    parameters of those modules must be float32 (they are under autocast training). Call
+    ``.remove()`` on the result to undo it.
+
+    Example:
+        >>> policy = keep_in_fp32(model, ["encoder.layers.3.attn"])  # doctest: +SKIP
+        >>> with torch.autocast("cuda", dtype=torch.float16):  # doctest: +SKIP
+        ...     loss = model(x)
+        >>> policy.remove()  # doctest: +SKIP
+    """
+    lookup = dict(model.named_modules())
+    missing = [n for n in names if n not in lookup]
+    if missing:
+        raise UsageError(f"no module named {', '.join(repr(n) for n in missing)} in {type(model).__name__}; "
+                         f"names are dotted paths as in model.named_modules()")
+    device_type = next((p.device.type for p in model.parameters()), "cpu")
+    return _ModulePolicy([lookup[n] for n in names], compute=torch.float32, outer=None, autocast_dtype=None,
+                         device_type=device_type)
+
+
+class _Runner:
+    """Builds and runs the model in the configurations the analysis needs."""
+
+    def __init__(self, model: torch.nn.Module, inputs: tuple[Any, ...], dtype: torch.dtype, mode: Mode) -> None:
+        self.model, self.inputs, self.dtype, self.mode = model, inputs, dtype, mode
+        self.device_type = next((p.device.type for p in model.parameters()), "cpu")
+        self.reference = copy.deepcopy(model).to(torch.float64).eval()
+        self.ref_inputs = _lower_inputs(inputs, torch.float64)
+        base = copy.deepcopy(model).eval()
+        self.low = base.to(dtype) if mode == "cast" else base.to(torch.float32)
+        self.low_inputs = _lower_inputs(inputs, dtype if mode == "cast" else torch.float32)
+        self.evaluations = 0
+
+    @contextlib.contextmanager
+    def low_context(self) -> Iterator[None]:
+        if self.mode == "autocast":
+            with torch.autocast(self.device_type, dtype=self.dtype):
+                yield
+        else:
+            yield
+
+    def run_reference(self) -> Any:
+        with torch.no_grad():
+            return self.reference(*self.ref_inputs)
+
+    def run_low(self, keep_fp32: Sequence[str] = ()) -> Any:
+        """The low-precision model with ``keep_fp32`` modules in float32."""
+        self.evaluations += 1
+        lookup = dict(self.low.named_modules())
+        kept = [lookup[n] for n in keep_fp32]
+        policies = [_ModulePolicy(kept, compute=torch.float32, outer=None, autocast_dtype=None,
+                                  device_type=self.device_type)]
+        if self.mode == "cast" and kept:
+            # Kept modules hand float32 on; every other module casts what it receives back to the target.
+            inside = {id(m) for k in kept for m in k.modules()}
+            others = [m for m in self.low.modules() if id(m) not in inside and m is not self.low]
+            policies.append(_ModulePolicy(others, compute=self.dtype, outer=None, autocast_dtype=None,
+                                          device_type=self.device_type, autocast=False))
+            for module in kept:
+                module.to(torch.float32)
+        try:
+            with torch.no_grad(), self.low_context():
+                return self.low(*self.low_inputs)
+        finally:
+            for policy in policies:
+                policy.remove()
+            for module in kept if self.mode == "cast" else []:
+                module.to(self.dtype)
+
+    def run_only(self, name: str) -> Any:
+        """The float64 model with only module ``name`` in low precision."""
+        self.evaluations += 1
+        module = dict(self.reference.named_modules())[name]
+        if self.mode == "cast":
+            module.to(self.dtype)
+            policy = _ModulePolicy([module], compute=self.dtype, outer=torch.float64, autocast_dtype=None,
+                                   device_type=self.device_type)
+        else:
+            module.to(torch.float32)
+            policy = _ModulePolicy([module], compute=torch.float32, outer=torch.float64,
+                                   autocast_dtype=self.dtype, device_type=self.device_type)
+        try:
+            with torch.no_grad():
+                return self.reference(*self.ref_inputs)
+        finally:
+            policy.remove()
+            module.to(torch.float64)
+
+    def output_error(self, out: Any, ref_out: Any) -> tuple[float, int]:
+        low, ref = _flat(out), _flat(ref_out)
+        nonfinite = int((~torch.isfinite(low)).sum()) if low.numel() else 0
+        return relative_error(low, ref), nonfinite
+
+
+def _flat(tree: Any) -> torch.Tensor:
+    leaves = [t.detach().to(torch.float64).reshape(-1) for t in _float_leaves(tree)]
+    return torch.cat(leaves) if leaves else torch.zeros(0, dtype=torch.float64)
+
+
+# ============================================================================ the analysis
+def analyze(
+    model: torch.nn.Module,
+    inputs: tuple[Any, ...] | Any,
+    *,
+    dtype: torch.dtype | str = torch.float16,
+    mode: Mode = "cast",
+    tolerance: float | None = None,
+    sequence_dim: int | None = None,
+    search: bool = True,
+    max_candidates: int = 8,
+) -> PrecisionResult:
+    """Measure what running ``model`` in ``dtype`` costs, against a float64 reference.
+
+    Args:
+        model: The model (left untouched: the analysis works on copies, in eval mode).
+        inputs: Positional inputs (a tuple, or one tensor).
+        dtype: ``torch.float16``, ``torch.bfloat16`` or ``torch.float32`` (or their names).
+        mode: ``"cast"`` runs the whole model and its floating inputs in ``dtype``;
+            ``"autocast"`` runs the float32 model under ``torch.autocast(dtype=dtype)``.
+        tolerance: Output relative error the policy search must meet. Default: 1e-2 for float16,
+            5e-2 for bfloat16, 1e-5 for float32.
+        sequence_dim: Treat the model output as a sequence along this dim and report its error
+            per time step (recurrent modules are reported without it).
+        search: Run the ranking and policy search (extra forward passes).
+        max_candidates: Modules measured individually for the ranking and tried by the search.
+
+    Returns:
+        A :class:`PrecisionResult`.
+
+    Example:
+        >>> result = analyze(torch.nn.Linear(8, 8), (torch.randn(4, 8),), dtype=torch.float16)
+        >>> result.output_error < 1e-2
+        True
+    """
+    dtype = _parse_dtype(dtype)
+    if mode not in ("cast", "autocast"):
+        raise UsageError(f"mode must be 'cast' or 'autocast', not {mode!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"analyze() expects a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    fmt = format_of(dtype)
+    tolerance = DEFAULT_TOLERANCE[dtype] if tolerance is None else float(tolerance)
+    timings: dict[str, float] = {}
+    start = time.perf_counter()
+    runner = _Runner(model, inputs, dtype, mode)
+
+    ref_calls = _Calls(runner.reference, keep_inputs=True)
+    ref_ops = _OpRecorder(ref_calls, local_dtype=dtype, mode=mode, device_type=runner.device_type)
+    with ref_calls.recording(), ref_ops, torch.no_grad():
+        ref_out = runner.reference(*runner.ref_inputs)
+    timings["reference"] = time.perf_counter() - start
+
+    t = time.perf_counter()
+    low_calls = _Calls(runner.low, keep_inputs=False)
+    low_ops = _OpRecorder(low_calls)
+    with low_calls.recording(), low_ops, torch.no_grad(), runner.low_context():
+        low_out = runner.low(*runner.low_inputs)
+    output_error, output_nonfinite = runner.output_error(low_out, ref_out)
+    timings["low_precision"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    local = _module_local_errors(runner, ref_calls)
+    timings["local"] = time.perf_counter() - t
+
+    modules = _module_metrics(runner, ref_calls, low_calls, local, fmt)
+    ops = _op_metrics(ref_ops, low_ops, fmt)
+
+    t = time.perf_counter()
+    ranking, modules = _rank(runner, modules, ref_out, max_candidates, search)
+    timings["ranking"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    recommendation = None
+    if search:
+        recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates)
+    timings["search"] = time.perf_counter() - t
+
+    accumulations = _accumulations(runner, ref_calls, low_calls, ref_out, low_out, sequence_dim)
+    timings["total"] = time.perf_counter() - start
+    order = {name: i for i, name in enumerate(ranking)}
+    flagged = sorted((m.name for m in modules if m.name and (
+        (not math.isnan(m.local_error) and m.local_error > tolerance) or m.headroom_bits < 1.0)),
+        key=lambda n: order.get(n, len(order)))
+    return PrecisionResult(
+        dtype=str(dtype).removeprefix("torch."), mode=mode, output_error=output_error,
+        output_nonfinite=output_nonfinite, modules=modules, ops=ops, ranking=ranking,
+        recommendation=recommendation, accumulation=accumulations[0] if accumulations else None,
+        accumulations=accumulations, seconds=timings, flagged=flagged, tolerance=tolerance,
+    )
+
+
+def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    names = {"float16": torch.float16, "fp16": torch.float16, "half": torch.float16, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float32": torch.float32, "fp32": torch.float32}
+    if isinstance(dtype, str):
+        if dtype not in names:
+            raise UsageError(f"unknown dtype {dtype!r}; use float16, bfloat16 or float32")
+        return names[dtype]
+    if dtype not in DEFAULT_TOLERANCE:
+        raise UsageError(f"analyze() measures float16, bfloat16 or float32, not {dtype}")
+    return dtype
+
+
+def _module_local_errors(runner: _Runner, ref_calls: _Calls) -> dict[tuple[str, int], float]:
+    """Each module call re-run in low precision on its reference inputs rounded to the target."""
+    lookup = dict(runner.low.named_modules())
+    target = runner.dtype if runner.mode == "cast" else torch.float32
+    errors: dict[tuple[str, int], float] = {}
+    for key, (args, kwargs) in ref_calls.inputs.items():
+        path, _ = key
+        module = lookup.get(path)
+        ref_out = ref_calls.outputs.get(key)
+        if module is None or not ref_out:
+            continue
+        low_args = pytree.tree_map(
+            lambda x: x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, (args, kwargs))
+        try:
+            with torch.no_grad(), runner.low_context():
+                out = module(*low_args[0], **low_args[1])
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        leaves = _float_leaves(out)
+        if len(leaves) == len(ref_out) and all(a.shape == b.shape for a, b in zip(leaves, ref_out)):
+            errors[key] = relative_error(_flat(leaves), _flat(ref_out))
+    return errors
+
+
+def _module_metrics(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
+                    local: dict[tuple[str, int], float], fmt: Any) -> list[ModuleError]:
+    lookup = dict(runner.reference.named_modules())
+    by_path: dict[str, list[tuple[str, int]]] = {}
+    for key in ref_calls.outputs:
+        by_path.setdefault(key[0], []).append(key)
+    results = []
+    for path, keys in by_path.items():
+        keys = [k for k in keys if k in low_calls.outputs]
+        if not keys:
+            continue
+        ref = torch.cat([_flat(ref_calls.outputs[k]) for k in keys])
+        low = torch.cat([_flat(low_calls.outputs[k]) for k in keys])
+        if ref.shape != low.shape or ref.numel() == 0:
+            continue
+        prop = relative_error(low, ref)
+        ref_in = [t for k in keys for t in ref_calls.input_leaves.get(k, [])]
+        low_in = [t for k in keys for t in low_calls.input_leaves.get(k, [])]
+        prop_in = None
+        if ref_in and len(ref_in) == len(low_in) and all(a.shape == b.shape for a, b in zip(ref_in, low_in)):
+            prop_in = relative_error(_flat(low_in), _flat(ref_in))
+        amplification = prop / prop_in if prop_in and math.isfinite(prop_in) and prop_in > 0 else None
+        local_values = [local[k] for k in keys if k in local]
+        local_error = max(local_values) if local_values else math.nan
+        absmax = float(ref.abs().max()) if ref.numel() else 0.0
+        module = lookup.get(path)
+        results.append(ModuleError(
+            name=path, type=type(module).__name__ if module is not None else "?", calls=len(keys),
+            propagated_error=prop, local_error=local_error, amplification=amplification,
+            bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp_error(low, ref, fmt),
+            headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf,
+            subnormal_fraction=subnormal_fraction(ref, fmt),
+            nonfinite=int((~torch.isfinite(low)).sum()),
+            params=sum(p.numel() for p in module.parameters()) if module is not None else 0,
+        ))
+    return results
+
+
+def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[OpError]:
+    results = []
+    for key, ref in ref_ops.outputs.items():
+        low = low_ops.outputs.get(key)
+        if low is None or low.shape != ref.shape:
+            continue
+        path, _call, op, index = key
+        prop = relative_error(low, ref)
+        absmax = float(ref.abs().max()) if ref.numel() else 0.0
+        results.append(OpError(
+            module=path, op=op, index=index, propagated_error=prop, local_error=ref_ops.local.get(key, math.nan),
+            bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp_error(low, ref, fmt),
+            headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf,
+            nonfinite=int((~torch.isfinite(low.to(torch.float64))).sum()),
+        ))
+    return results
+
+
+def _is_leaf(runner: _Runner, name: str) -> bool:
+    module = dict(runner.reference.named_modules()).get(name)
+    return module is not None and not any(True for _ in module.children())
+
+
+def _rank(runner: _Runner, modules: list[ModuleError], ref_out: Any, max_candidates: int,
+          measure: bool) -> tuple[list[str], list[ModuleError]]:
+    """Modules by contribution to the output error; see the module docstring."""
+
+    def score(m: ModuleError) -> float:
+        v = m.local_error if math.isfinite(m.local_error) else (math.inf if m.nonfinite else 0.0)
+        return v if not math.isnan(v) else 0.0
+
+    named = [m for m in modules if m.name]
+    by_local = sorted(named, key=lambda m: (score(m), _is_leaf(runner, m.name)), reverse=True)
+    candidates = [m for m in by_local if score(m) > 0][:max_candidates] if measure else []
+    alone: dict[str, float] = {}
+    for m in candidates:
+        try:
+            out = runner.run_only(m.name)
+        except (RuntimeError, TypeError, ValueError):
+            continue
+        alone[m.name], _ = runner.output_error(out, ref_out)
+    measured = sorted(alone, key=lambda n: (alone[n], _is_leaf(runner, n)), reverse=True)
+    rest = [m.name for m in by_local if m.name not in alone]
+    updated = [m if m.name not in alone else _replace(m, output_error_alone=alone[m.name]) for m in modules]
+    return measured + rest, updated
+
+
+def _replace(m: ModuleError, **changes: Any) -> ModuleError:
+    from dataclasses import replace
+
+    return replace(m, **changes)
+
+
+def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float, before: float,
+            max_candidates: int) -> Recommendation:
+    lookup = dict(runner.reference.named_modules())
+    total = sum(p.numel() for p in runner.reference.parameters()) or 1
+    evaluations_start = runner.evaluations
+    kept: list[str] = []
+    error = before
+    for name in ranking[: max(max_candidates, 1) * 2]:
+        if error <= tolerance:
+            break
+        if any(name.startswith(k + ".") or k.startswith(name + ".") for k in kept):
+            continue  # an ancestor or descendant is already kept
+        trial = kept + [name]
+        err, _ = runner.output_error(runner.run_low(trial), ref_out)
+        if err < error:
+            kept, error = trial, err
+    for name in list(kept):  # prune what is not needed
+        trial = [k for k in kept if k != name]
+        err, _ = runner.output_error(runner.run_low(trial), ref_out)
+        if err <= tolerance:
+            kept, error = trial, err
+    final, _ = runner.output_error(runner.run_low(kept), ref_out)
+    params = {id(p): p.numel() for n in kept for p in lookup[n].parameters()}
+    snippet = _snippet(kept, runner)
+    return Recommendation(keep_fp32=kept, tolerance=tolerance, output_error_after=final,
+                          output_error_before=before, tolerance_met=final <= tolerance,
+                          fp32_param_fraction=sum(params.values()) / total,
+                          evaluations=runner.evaluations - evaluations_start, snippet=snippet)
+
+
+def _snippet(kept: list[str], runner: _Runner) -> str:
+    dtype = str(runner.dtype).removeprefix("torch.")
+    if not kept:
+        return f"# nothing needs float32: run the whole model in {dtype} ({runner.mode})"
+    return (
+        "import floatscope.precision\n"
+        f"policy = floatscope.precision.keep_in_fp32(model, {kept!r})\n"
+        f"with torch.autocast({runner.device_type!r}, dtype=torch.{dtype}):\n"
+        "    output = model(*inputs)\n"
+        "policy.remove()  # when done"
+    )
+
+
+def _accumulations(runner: _Runner, ref_calls: _Calls, low_calls: _Calls, ref_out: Any, low_out: Any,
+                   sequence_dim: int | None) -> list[Accumulation]:
+    found = []
+    lookup = dict(runner.reference.named_modules())
+    counts: dict[str, int] = {}
+    for path, _ in ref_calls.outputs:
+        counts[path] = counts.get(path, 0) + 1
+    if sequence_dim is not None:
+        series = _series_along(_float_leaves(low_out), _float_leaves(ref_out), sequence_dim)
+        if series:
+            found.append(_fit("", series))
+    for path, module in lookup.items():
+        if isinstance(module, torch.nn.RNNBase) and counts.get(path) == 1:
+            dim = 1 if module.batch_first else 0
+            key = (path, 0)
+            if key in low_calls.outputs:
+                series = _series_along(low_calls.outputs[key][:1], ref_calls.outputs[key][:1], dim)
+                if series:
+                    found.append(_fit(path, series))
+        elif path and counts.get(path, 0) >= 8 and (isinstance(module, torch.nn.RNNCellBase) or
+                                                    not any(True for _ in module.children())
+                                                    or _is_cell_like(module)):
+            keys = [(path, i) for i in range(counts[path])]
+            if all(k in low_calls.outputs for k in keys):
+                series = [relative_error(low_calls.outputs[k][0], ref_calls.outputs[k][0]) for k in keys]
+                found.append(_fit(path, series))
+    found.sort(key=lambda a: (isinstance(lookup.get(a.module), (torch.nn.RNNBase, torch.nn.RNNCellBase)),
+                              len(a.error)), reverse=True)
+    return found
+
+
+def _is_cell_like(module: torch.nn.Module) -> bool:
+    return "cell" in type(module).__name__.lower() or "rnn" in type(module).__name__.lower()
+
+
+def _series_along(low: list[torch.Tensor], ref: list[torch.Tensor], dim: int) -> list[float]:
+    if not low or not ref or low[0].shape != ref[0].shape or low[0].dim() <= dim:
+        return []
+    return [relative_error(a, b) for a, b in zip(low[0].unbind(dim), ref[0].unbind(dim))]
+
+
+def _fit(module: str, errors: list[float]) -> Accumulation:
+    """Fit error(t) linearly and exponentially; keep the smaller squared residual."""
+    n = len(errors)
+    finite = [(t, e) for t, e in enumerate(errors) if math.isfinite(e)]
+    if len(finite) < 2:
+        return Accumulation(module, errors, math.nan, "linear")
+    ts = torch.tensor([t for t, _ in finite], dtype=torch.float64)
+    es = torch.tensor([e for _, e in finite], dtype=torch.float64)
+    design = torch.stack([torch.ones_like(ts), ts], dim=1)
+    lin = torch.linalg.lstsq(design, es.unsqueeze(1)).solution.squeeze(1)
+    lin_rss = float(((design @ lin - es) ** 2).sum())
+    best = Accumulation(module, errors, float(lin[1]), "linear")
+    positive = es > 0
+    if int(positive.sum()) >= 2:
+        d = design[positive]
+        ex = torch.linalg.lstsq(d, es[positive].log().unsqueeze(1)).solution.squeeze(1)
+        exp_rss = float(((torch.exp(design @ ex) - es) ** 2).sum())
+        if exp_rss < lin_rss:
+            best = Accumulation(module, errors, float(math.exp(float(ex[1]))), "exponential")
+    del n
+    return best

@@ -1,0 +1,99 @@
+"""Error metrics between a low-precision result and a float64 reference. Pure functions.
+
+Every metric is computed in float64 and handles zeros and non-finite values explicitly:
+
+* ``relative_error(y, r) = ||y - r||_2 / ||r||_2``; when ``||r||_2 == 0`` it is ``||y - r||_2``
+  (absolute), so two all-zero tensors give 0. Any non-finite element of ``y`` gives ``inf``.
+* ``ulp(x, fmt) = 2**(max(floor(log2 |x|), emin) - p)`` with ``p`` the stored mantissa bits and
+  ``emin = log2(smallest normal)``; for ``x == 0`` it is the smallest subnormal.
+* ``max_ulp_error(y, r, fmt) = max_i |y_i - r_i| / ulp(r_i, fmt)``.
+* ``bits_correct(e) = max(0, -log2 e)``; ``e == 0`` gives ``p + 1`` (exact in the format), ``e == inf``
+  gives 0. A norm-wise error can exceed ``p + 1`` bits because rounding errors partly cancel.
+* ``subnormal_fraction(r, fmt)``: the fraction of elements with ``0 < |r_i| < smallest normal``.
+* ``round_to_format(x, fmt)``: ``x`` rounded to nearest-even in ``fmt``, overflow to ``inf``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from floatscope._numerics.formats import FloatFormat
+
+__all__ = ["relative_error", "ulp", "max_ulp_error", "bits_correct", "subnormal_fraction", "round_to_format"]
+
+
+def _f64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64)
+
+
+def relative_error(y: torch.Tensor, r: torch.Tensor) -> float:
+    """Norm-wise relative error of ``y`` against the reference ``r`` (see module docstring).
+
+    Example:
+        >>> relative_error(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0]))
+        0.0
+    """
+    y64, r64 = _f64(y), _f64(r)
+    if y64.shape != r64.shape:
+        raise ValueError(f"shapes differ: {tuple(y64.shape)} vs reference {tuple(r64.shape)}")
+    if not bool(torch.isfinite(y64).all()):
+        return math.inf
+    diff = float(torch.linalg.vector_norm(y64 - r64))
+    ref = float(torch.linalg.vector_norm(r64))
+    return diff / ref if ref > 0 else diff
+
+
+def ulp(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
+    """Unit in the last place of each element of ``x`` in ``fmt`` (float64 result)."""
+    a = _f64(x).abs()
+    emin = math.log2(fmt.smallest_normal)
+    exponent = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))).clamp_min(emin)
+    spacing = torch.pow(2.0, exponent - fmt.mantissa_bits)
+    return torch.where(a > 0, spacing, torch.full_like(a, fmt.smallest_subnormal))
+
+
+def max_ulp_error(y: torch.Tensor, r: torch.Tensor, fmt: FloatFormat) -> float:
+    """Largest elementwise error in units of ``fmt``'s last place at the reference value."""
+    y64, r64 = _f64(y), _f64(r)
+    if y64.numel() == 0:
+        return 0.0
+    if not bool(torch.isfinite(y64).all()):
+        return math.inf
+    return float(((y64 - r64).abs() / ulp(r64, fmt)).max())
+
+
+def bits_correct(error: float, fmt: FloatFormat) -> float:
+    """``max(0, -log2(error))``; an exact result counts as ``mantissa_bits + 1`` bits."""
+    if error == 0.0:
+        return fmt.mantissa_bits + 1.0
+    if not math.isfinite(error):
+        return 0.0
+    return max(0.0, -math.log2(error))
+
+
+def subnormal_fraction(r: torch.Tensor, fmt: FloatFormat) -> float:
+    """Fraction of elements of ``r`` that are non-zero but below ``fmt``'s smallest normal."""
+    a = _f64(r).abs()
+    if a.numel() == 0:
+        return 0.0
+    return float(((a > 0) & (a < fmt.smallest_normal)).sum()) / a.numel()
+
+
+def round_to_format(x: float, fmt: FloatFormat) -> float:
+    """``x`` as stored in ``fmt`` (round to nearest even; overflow gives inf; tf32 emulated)."""
+    if fmt.dtype is not None:
+        return float(torch.tensor(x, dtype=torch.float64).to(fmt.dtype).to(torch.float64))
+    # tf32: float32 range, 10 stored mantissa bits.
+    if not math.isfinite(x) or x == 0.0:
+        return x
+    m, e = math.frexp(x)  # x = m * 2**e, 0.5 <= |m| < 1
+    scale = 2.0 ** (fmt.mantissa_bits + 1)
+    rounded = round(m * scale) / scale  # Python rounds half to even
+    value = math.ldexp(rounded, e)
+    if abs(value) > fmt.max:
+        return math.copysign(math.inf, x)
+    if abs(value) < fmt.smallest_subnormal / 2:
+        return math.copysign(0.0, x)
+    return value

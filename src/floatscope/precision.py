@@ -1,0 +1,22 @@
+"""Precision analysis: what float16, bfloat16 and float32 cost a model, against float64.
+
+Example:
+    >>> import torch, floatscope.precision
+    >>> result = floatscope.precision.analyze(torch.nn.Linear(8, 8), (torch.randn(4, 8),), dtype="bfloat16")
+    >>> result.ranking
+    []
+"""
+
+from floatscope._analyses.precision import (
+    DEFAULT_TOLERANCE,
+    Accumulation,
+    ModuleError,
+    OpError,
+    PrecisionResult,
+    Recommendation,
+    analyze,
+    keep_in_fp32,
+)
+
+__all__ = ["DEFAULT_TOLERANCE", "Accumulation", "ModuleError", "OpError", "PrecisionResult", "Recommendation",
+           "analyze", "keep_in_fp32"]

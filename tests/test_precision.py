@@ -1,0 +1,245 @@
+"""Precision analysis: injected defects are ranked first and fixed by the recommended policy."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import pytest
+import torch
+
+import floatscope.precision as precision
+from floatscope import FORMATS, UsageError
+from floatscope._numerics.errors import (bits_correct, max_ulp_error, relative_error, round_to_format,
+                                         subnormal_fraction, ulp)
+
+
+# ----------------------------------------------------------------------------------- metric oracles
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_ulp_matches_nextafter_for_every_dtype(dtype):
+    fmt = FORMATS[str(dtype).removeprefix("torch.")]
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(200, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-3, 4, (200,), generator=g)).to(dtype)
+    x = torch.cat([x, torch.tensor([fmt.smallest_normal, fmt.smallest_subnormal * 3], dtype=torch.float64).to(dtype)])
+    x = x[x != 0]
+    up = torch.nextafter(x.abs(), torch.tensor(math.inf, dtype=dtype))
+    exact = up.to(torch.float64) - x.abs().to(torch.float64)
+    assert torch.equal(ulp(x, fmt), exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_error_metrics_against_float64_oracles(dtype):
+    fmt = FORMATS[str(dtype).removeprefix("torch.")]
+    g = torch.Generator().manual_seed(1)
+    ref = torch.randn(64, generator=g, dtype=torch.float64)
+    low = ref.to(dtype)
+    exact = math.sqrt(math.fsum(float(a - b) ** 2 for a, b in zip(low.double(), ref))) / math.sqrt(
+        math.fsum(float(b) ** 2 for b in ref))
+    assert relative_error(low, ref) == pytest.approx(exact, rel=1e-12)
+    assert max_ulp_error(low, ref, fmt) <= 0.5 + 1e-12  # round to nearest: at most half an ulp
+    assert bits_correct(relative_error(low, ref), fmt) == pytest.approx(-math.log2(exact))
+    assert bits_correct(0.0, fmt) == fmt.mantissa_bits + 1 and bits_correct(math.inf, fmt) == 0.0
+
+
+def test_relative_error_zero_and_nonfinite_handling():
+    zero = torch.zeros(3, dtype=torch.float64)
+    assert relative_error(zero, zero) == 0.0
+    assert relative_error(torch.tensor([0.0, 3.0, 4.0]), zero) == 5.0  # absolute when the reference is 0
+    assert relative_error(torch.tensor([1.0, math.inf, 0.0]), torch.ones(3)) == math.inf
+
+
+def test_subnormal_fraction_and_rounding():
+    fmt = FORMATS["float16"]
+    r = torch.tensor([0.0, 1e-6, 1e-5, 1e-3, 1.0], dtype=torch.float64)
+    assert subnormal_fraction(r, fmt) == pytest.approx(2 / 5)
+    assert round_to_format(65520.0, fmt) == math.inf  # halfway to the next binade rounds up: overflow
+    assert round_to_format(65519.0, fmt) == 65504.0
+    assert round_to_format(1e-8, fmt) == 0.0
+    tf32 = FORMATS["tf32"]
+    x = 1 + 2**-11 + 2**-13  # just above the tf32 halfway point
+    assert Fraction(round_to_format(x, tf32)) == 1 + Fraction(1, 2**10)
+    assert round_to_format(1 + 2**-11, tf32) == 1.0  # exact halfway rounds to even
+
+
+# ----------------------------------------------------------------------------------- injected defects
+class NaiveVariance(torch.nn.Module):
+    def forward(self, x):
+        return (x * x).mean(-1, keepdim=True) - x.mean(-1, keepdim=True) ** 2  # E[x^2] - E[x]^2
+
+
+class CancellationModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 64)
+        self.var = NaiveVariance()
+        self.head = torch.nn.Linear(1, 4)
+        with torch.no_grad():
+            self.proj.weight.mul_(20.0)
+            self.proj.bias.fill_(100.0)  # activations with a large mean
+
+    def forward(self, x):
+        return self.head(self.var(self.proj(x)))
+
+
+class NaiveSoftmax(torch.nn.Module):
+    def forward(self, x):
+        e = torch.exp(x)  # no max subtraction
+        return e / e.sum(-1, keepdim=True)
+
+
+class ExpModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 32)
+        self.attn = NaiveSoftmax()
+        self.head = torch.nn.Linear(32, 2)
+        with torch.no_grad():
+            self.proj.weight.mul_(12.0)
+
+    def forward(self, x):
+        return self.head(self.attn(self.proj(x)))
+
+
+class NaiveMeanPool(torch.nn.Module):
+    def forward(self, x):
+        return x.sum(dim=1) / x.shape[1]  # the sum exceeds 65504 before the division
+
+
+class LongSumModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Linear(4, 8)
+        self.pool = NaiveMeanPool()
+        self.head = torch.nn.Linear(8, 3)
+        with torch.no_grad():
+            self.embed.bias.fill_(20.0)
+
+    def forward(self, x):
+        return self.head(self.pool(self.embed(x)))
+
+
+class Cell(torch.nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.w = torch.nn.Linear(dim, dim)
+        self.u = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, h):
+        return torch.tanh(self.w(h) + self.u(x))
+
+
+class Recurrent(torch.nn.Module):
+    def __init__(self, dim=16, steps=60):
+        super().__init__()
+        self.cell = Cell(dim)
+        self.steps = steps
+        with torch.no_grad():
+            self.cell.w.weight.copy_(torch.linalg.qr(torch.randn(dim, dim))[0] * 2.0)  # expanding recurrence
+
+    def forward(self, x):
+        h = torch.zeros_like(x)
+        outs = []
+        for _ in range(self.steps):
+            h = self.cell(x, h)
+            outs.append(h)
+        return torch.stack(outs, dim=1)  # (B, T, D)
+
+
+def _assert_fixed(result, culprit):
+    assert result.ranking[0] == culprit, result.ranking
+    rec = result.recommendation
+    assert rec.output_error_before > rec.tolerance
+    assert culprit in rec.keep_fp32 and rec.tolerance_met and rec.output_error_after <= rec.tolerance
+    assert culprit in result.flagged
+
+
+def test_cancellation_in_a_handwritten_variance():
+    torch.manual_seed(0)
+    result = precision.analyze(CancellationModel(), (torch.randn(32, 16),), dtype="float16")
+    _assert_fixed(result, "var")
+    var = result.module("var")
+    assert var.amplification is not None and var.amplification > 100  # it amplifies what it receives
+    assert var.local_error > 10 * result.module("proj").local_error
+
+
+def test_fp16_overflow_in_an_exp():
+    torch.manual_seed(0)
+    result = precision.analyze(ExpModel(), (torch.randn(16, 8),), dtype="float16")
+    assert result.output_nonfinite > 0 and math.isinf(result.output_error)
+    _assert_fixed(result, "attn")
+    assert result.module("attn").nonfinite > 0
+    exp_ops = [o for o in result.ops if o.module == "attn" and o.op == "aten.exp.default"]
+    assert exp_ops and exp_ops[0].nonfinite > 0 and exp_ops[0].headroom_bits < 0
+    assert result.to_dict()["output_error"] is None  # non-finite error is null in JSON, never a crash
+
+
+def test_fp16_overflow_in_a_long_sum():
+    torch.manual_seed(0)
+    result = precision.analyze(LongSumModel(), (torch.randn(2, 4096, 4),), dtype="float16")
+    _assert_fixed(result, "pool")
+    sums = [o for o in result.ops if o.module == "pool" and o.op == "aten.sum.dim_IntList"]
+    assert sums and sums[0].nonfinite > 0
+
+
+def test_error_compounding_in_a_long_recurrent_loop():
+    torch.manual_seed(0)
+    result = precision.analyze(Recurrent(), (torch.randn(4, 16),), dtype="bfloat16", mode="autocast",
+                               tolerance=1e-2)
+    acc = result.accumulation
+    assert acc is not None and acc.module == "cell" and len(acc.error) == 60
+    assert sum(acc.error[-10:]) > 5 * sum(acc.error[:10])  # the error compounds over time steps
+    assert acc.growth_per_step > (1.0 if acc.model == "exponential" else 0.0)
+    assert result.ranking[0] == "cell"
+    assert result.recommendation.keep_fp32 == ["cell"] and result.recommendation.tolerance_met
+
+
+def test_a_benign_model_flags_nothing():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),
+                                torch.nn.Linear(32, 4))
+    result = precision.analyze(model, (torch.randn(8, 16),), dtype="float16")
+    assert result.flagged == []
+    assert result.output_error < precision.DEFAULT_TOLERANCE[torch.float16]
+    assert result.recommendation.keep_fp32 == [] and result.recommendation.tolerance_met
+
+
+def test_autocast_mode_aligns_through_inserted_casts():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    result = precision.analyze(model, (torch.randn(8, 16),), dtype="bfloat16", mode="autocast")
+    assert result.mode == "autocast"
+    linear_ops = [o for o in result.ops if o.module in {"0", "2"} and "addmm" in o.op]
+    assert len(linear_ops) == 2 and all(0 < o.propagated_error < 0.05 for o in linear_ops)
+    assert {m.name for m in result.modules} >= {"", "0", "1", "2"}
+
+
+def test_keep_in_fp32_helper_applies_and_removes():
+    torch.manual_seed(0)
+    model = ExpModel()
+    x = torch.randn(16, 8)
+    policy = precision.keep_in_fp32(model, ["attn"])
+    seen = []
+    handle = model.attn.register_forward_hook(lambda m, a, o: seen.append(a[0].dtype))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x)
+    policy.remove()
+    handle.remove()
+    assert seen == [torch.float32]
+    assert not model.attn._forward_pre_hooks
+    with pytest.raises(UsageError, match="no module named 'nope'"):
+        precision.keep_in_fp32(model, ["nope"])
+
+
+def test_bad_arguments():
+    with pytest.raises(UsageError, match="unknown dtype"):
+        precision.analyze(torch.nn.Linear(2, 2), (torch.randn(1, 2),), dtype="float8")
+    with pytest.raises(UsageError, match="mode"):
+        precision.analyze(torch.nn.Linear(2, 2), (torch.randn(1, 2),), mode="fast")
+
+
+def test_the_analysis_leaves_the_model_untouched():
+    model = CancellationModel()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    precision.analyze(model, (torch.randn(4, 16),), dtype="float16")
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
