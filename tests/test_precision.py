@@ -189,8 +189,9 @@ def test_error_compounding_in_a_long_recurrent_loop():
     assert acc is not None and acc.module == "cell" and len(acc.error) == 60
     assert sum(acc.error[-10:]) > 5 * sum(acc.error[:10])  # the error compounds over time steps
     assert acc.growth_per_step > (1.0 if acc.model == "exponential" else 0.0)
-    assert result.ranking[0] == "cell"
-    assert result.recommendation.keep_fp32 == ["cell"] and result.recommendation.tolerance_met
+    assert result.ranking[0] in {"cell", "cell.w"}  # the cell, or its recurrent weight
+    rec = result.recommendation
+    assert rec.tolerance_met and rec.keep_fp32 and all(k.startswith("cell") for k in rec.keep_fp32)
 
 
 def test_a_benign_model_flags_nothing():
