@@ -118,7 +118,7 @@ def main() -> None:
         train_step(model, opt, batches[1])
     incident = w.incident
     assert incident is not None and incident.replay_seconds is not None
-    print(f"localisation: {incident.op} in module '{incident.module if incident.module is not None else "-"}' ({incident.phase}, step {incident.step}) "
+    print(f"localisation: {incident.op} in module '{incident.module if incident.module is not None else '-'}' ({incident.phase}, step {incident.step}) "
           f"found by replay in {incident.replay_seconds:.2f} s = {incident.replay_seconds / plain:.1f}x one plain step")
 
 

@@ -244,3 +244,25 @@ def test_the_analysis_leaves_the_model_untouched():
     precision.analyze(model, (torch.randn(4, 16),), dtype="float16")
     assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class LSTMRegressor(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 32, batch_first=True)
+        self.head = torch.nn.Linear(32, 1)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)  # (B, T, H)
+        return self.head(out).squeeze(-1)  # (B, T)
+
+
+def test_nn_lstm_and_sequence_dim_get_per_step_error_curves():
+    torch.manual_seed(0)
+    result = precision.analyze(LSTMRegressor(), (torch.randn(3, 40, 4),), dtype="bfloat16", sequence_dim=1,
+                               search=False)
+    by_module = {a.module: a for a in result.accumulations}
+    assert set(by_module) >= {"lstm", ""}
+    assert len(by_module["lstm"].error) == 40 and len(by_module[""].error) == 40
+    assert result.accumulation.module == "lstm"  # recurrent modules come first
+    assert all(0 < e < 0.1 for e in by_module["lstm"].error)

@@ -22,7 +22,8 @@ within 1 bit of the format's max.
 Ranking (largest contribution first): the candidates are the ``max_candidates`` modules with the
 largest local error, leaf modules first. Each is measured by the output error of a run where
 **only that module** is in low precision and everything else is float64. The other modules follow,
-by local error.
+by local error. When the output error is below a quarter of the tolerance, no candidate is
+measured and the ranking is by local error alone.
 
 Policy search: greedily keep the next-ranked module in float32 until the output error meets the
 tolerance, each step verified by a real run; then drop any kept module whose removal still meets
@@ -44,7 +45,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from floatscope._errors import UsageError
 from floatscope._instrument.tracer import _NO_CHECK, op_base
-from floatscope._numerics.errors import bits_correct, max_ulp_error, relative_error, subnormal_fraction
+from floatscope._numerics.errors import bits_correct, compare, relative_error, subnormal_fraction
 from floatscope._numerics.formats import format_of
 from floatscope._results import to_json_value
 
@@ -183,21 +184,22 @@ class _Calls:
         key = (path, idx)
         self.stack.append(key)
         leaves = _float_leaves((args, kwargs))
-        self.input_leaves[key] = [t.detach().clone() for t in leaves]
+        # No copies: recorded tensors are the ones the forward made; both runs see the same in-place updates.
+        self.input_leaves[key] = [t.detach() for t in leaves]
         if self.keep_inputs:
-            self.inputs[key] = pytree.tree_map(_detach_clone, (args, kwargs))
+            self.inputs[key] = pytree.tree_map(_detach, (args, kwargs))
 
     def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
         key = self.stack.pop() if self.stack else None
         if key is not None:
-            self.outputs[key] = [t.detach().clone() for t in _float_leaves(output)]
+            self.outputs[key] = [t.detach() for t in _float_leaves(output)]
 
     def current(self) -> tuple[str, int]:
         return self.stack[-1] if self.stack else ("", -1)
 
 
-def _detach_clone(x: Any) -> Any:
-    return x.detach().clone() if isinstance(x, torch.Tensor) else x
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
 
 
 def _float_leaves(tree: Any) -> list[torch.Tensor]:
@@ -232,7 +234,7 @@ class _OpRecorder(TorchDispatchMode):
         n = self.seen.get(stem, 0)
         self.seen[stem] = n + 1
         key = (*stem, n)
-        self.outputs[key] = leaves[0].detach().clone()
+        self.outputs[key] = leaves[0].detach()
         if self.local_dtype is not None and not func._schema.is_mutable:
             self.local[key] = self._local_error(func, args, kwargs, leaves[0])
         return out
@@ -467,11 +469,15 @@ def analyze(
     local = _module_local_errors(runner, ref_calls)
     timings["local"] = time.perf_counter() - t
 
+    t = time.perf_counter()
     modules = _module_metrics(runner, ref_calls, low_calls, local, fmt)
     ops = _op_metrics(ref_ops, low_ops, fmt)
+    timings["metrics"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    ranking, modules = _rank(runner, modules, ref_out, max_candidates, search)
+    # Measuring candidates one by one matters only when the error is near or above the tolerance.
+    measure = search and not output_error <= tolerance / 4
+    ranking, modules = _rank(runner, modules, ref_out, max_candidates, measure)
     timings["ranking"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -545,7 +551,7 @@ def _module_metrics(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
         low = torch.cat([_flat(low_calls.outputs[k]) for k in keys])
         if ref.shape != low.shape or ref.numel() == 0:
             continue
-        prop = relative_error(low, ref)
+        prop, max_ulp, nonfinite = compare(low, ref, fmt)
         ref_in = [t for k in keys for t in ref_calls.input_leaves.get(k, [])]
         low_in = [t for k in keys for t in low_calls.input_leaves.get(k, [])]
         prop_in = None
@@ -559,10 +565,9 @@ def _module_metrics(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
         results.append(ModuleError(
             name=path, type=type(module).__name__ if module is not None else "?", calls=len(keys),
             propagated_error=prop, local_error=local_error, amplification=amplification,
-            bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp_error(low, ref, fmt),
+            bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp,
             headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf,
-            subnormal_fraction=subnormal_fraction(ref, fmt),
-            nonfinite=int((~torch.isfinite(low)).sum()),
+            subnormal_fraction=subnormal_fraction(ref, fmt), nonfinite=nonfinite,
             params=sum(p.numel() for p in module.parameters()) if module is not None else 0,
         ))
     return results
@@ -575,13 +580,12 @@ def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[Op
         if low is None or low.shape != ref.shape:
             continue
         path, _call, op, index = key
-        prop = relative_error(low, ref)
+        prop, max_ulp, nonfinite = compare(low, ref, fmt)
         absmax = float(ref.abs().max()) if ref.numel() else 0.0
         results.append(OpError(
             module=path, op=op, index=index, propagated_error=prop, local_error=ref_ops.local.get(key, math.nan),
-            bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp_error(low, ref, fmt),
-            headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf,
-            nonfinite=int((~torch.isfinite(low.to(torch.float64))).sum()),
+            bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp,
+            headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf, nonfinite=nonfinite,
         ))
     return results
 

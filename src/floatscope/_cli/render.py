@@ -11,9 +11,12 @@ __all__ = ["console", "print_incident", "print_result"]
 
 
 def console(stderr: bool = False) -> Any:
+    """A rich console; when writing to a pipe or file, 160 columns, so tables are not squeezed."""
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False, soft_wrap=False)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, soft_wrap=False, width=width)
 
 
 def print_incident(incident: Incident, out: Any) -> None:

@@ -21,7 +21,8 @@ import torch
 
 from floatscope._numerics.formats import FloatFormat
 
-__all__ = ["relative_error", "ulp", "max_ulp_error", "bits_correct", "subnormal_fraction", "round_to_format"]
+__all__ = ["relative_error", "ulp", "max_ulp_error", "compare", "bits_correct", "subnormal_fraction",
+           "round_to_format"]
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -48,20 +49,32 @@ def relative_error(y: torch.Tensor, r: torch.Tensor) -> float:
 def ulp(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
     """Unit in the last place of each element of ``x`` in ``fmt`` (float64 result)."""
     a = _f64(x).abs()
-    emin = math.log2(fmt.smallest_normal)
-    exponent = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))).clamp_min(emin)
-    spacing = torch.pow(2.0, exponent - fmt.mantissa_bits)
+    _, exponent = torch.frexp(a)  # a = m * 2**exponent with 0.5 <= m < 1: floor(log2 a) = exponent - 1
+    emin = int(round(math.log2(fmt.smallest_normal)))
+    spacing = torch.ldexp(torch.ones_like(a), (exponent - 1).clamp_min(emin) - fmt.mantissa_bits)
     return torch.where(a > 0, spacing, torch.full_like(a, fmt.smallest_subnormal))
 
 
 def max_ulp_error(y: torch.Tensor, r: torch.Tensor, fmt: FloatFormat) -> float:
     """Largest elementwise error in units of ``fmt``'s last place at the reference value."""
+    return compare(y, r, fmt)[1]
+
+
+def compare(y: torch.Tensor, r: torch.Tensor, fmt: FloatFormat) -> tuple[float, float, int]:
+    """``(relative_error, max_ulp_error, non-finite count of y)`` in one pass over the data."""
     y64, r64 = _f64(y), _f64(r)
+    if y64.shape != r64.shape:
+        raise ValueError(f"shapes differ: {tuple(y64.shape)} vs reference {tuple(r64.shape)}")
     if y64.numel() == 0:
-        return 0.0
-    if not bool(torch.isfinite(y64).all()):
-        return math.inf
-    return float(((y64 - r64).abs() / ulp(r64, fmt)).max())
+        return 0.0, 0.0, 0
+    nonfinite = int((~torch.isfinite(y64)).sum())
+    if nonfinite:
+        return math.inf, math.inf, nonfinite
+    diff = y64 - r64
+    ref_norm = float(torch.linalg.vector_norm(r64))
+    diff_norm = float(torch.linalg.vector_norm(diff))
+    rel = diff_norm / ref_norm if ref_norm > 0 else diff_norm
+    return rel, float((diff.abs() / ulp(r64, fmt)).max()), 0
 
 
 def bits_correct(error: float, fmt: FloatFormat) -> float:

@@ -1,0 +1,1 @@
+"""Self-contained HTML reports (Plotly, embedded: no network needed to view them)."""
