@@ -160,6 +160,8 @@ def test_cancellation_in_a_handwritten_variance():
     var = result.module("var")
     assert var.amplification is not None and var.amplification > 100  # it amplifies what it receives
     assert var.local_error > 10 * result.module("proj").local_error
+    sub = next(o for o in result.ops if o.module == "var" and o.op == "aten.sub.Tensor")
+    assert sub.amplification is not None and sub.amplification > 20  # the subtraction cancels
 
 
 def test_fp16_overflow_in_an_exp():

@@ -44,7 +44,7 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from floatscope._errors import UsageError
-from floatscope._instrument.tracer import _NO_CHECK, op_base
+from floatscope._instrument.tracer import _NO_CHECK, _key, op_base
 from floatscope._numerics.errors import bits_correct, compare, relative_error, subnormal_fraction
 from floatscope._numerics.formats import format_of
 from floatscope._results import to_json_value
@@ -92,6 +92,8 @@ class OpError:
     max_ulp: float
     headroom_bits: float
     nonfinite: int
+    amplification: float | None = None
+    subnormal_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -219,12 +221,20 @@ class _OpRecorder(TorchDispatchMode):
         self.seen: dict[tuple[str, int, str], int] = {}
         self.outputs: dict[tuple[str, int, str, int], torch.Tensor] = {}
         self.local: dict[tuple[str, int, str, int], float] = {}
+        self.producer: dict[tuple[Any, ...], tuple[str, int, str, int]] = {}
+        self.input_keys: dict[tuple[str, int, str, int], list[tuple[str, int, str, int]]] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         base = op_base(str(func))
         if base in _NO_CHECK or base in _CASTS:
+            # Views and casts pass on the identity of what they read: amplification looks through them.
+            src = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)), None)
+            made = self.producer.get(_key(src)) if src is not None else None
+            if made is not None:
+                for t in _float_leaves(out):
+                    self.producer[_key(t)] = made
             return out
         leaves = _float_leaves(out)
         if not leaves:
@@ -234,6 +244,9 @@ class _OpRecorder(TorchDispatchMode):
         n = self.seen.get(stem, 0)
         self.seen[stem] = n + 1
         key = (*stem, n)
+        self.input_keys[key] = [k for k in (self.producer.get(_key(t)) for t in _float_leaves((args, kwargs)))
+                                if k is not None]
+        self.producer[_key(leaves[0])] = key
         self.outputs[key] = leaves[0].detach()
         if self.local_dtype is not None and not func._schema.is_mutable:
             self.local[key] = self._local_error(func, args, kwargs, leaves[0])
@@ -574,18 +587,27 @@ def _module_metrics(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
 
 
 def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[OpError]:
+    """Per-op metrics. An op's input error is the largest propagated error among the ops that
+    produced its floating inputs (looking through views and casts); parameters and model inputs
+    are not ops, so an op fed only by them has no amplification (None)."""
     results = []
+    propagated: dict[tuple[str, int, str, int], float] = {}
     for key, ref in ref_ops.outputs.items():
         low = low_ops.outputs.get(key)
         if low is None or low.shape != ref.shape:
             continue
         path, _call, op, index = key
         prop, max_ulp, nonfinite = compare(low, ref, fmt)
+        propagated[key] = prop
         absmax = float(ref.abs().max()) if ref.numel() else 0.0
+        inputs = [propagated[k] for k in ref_ops.input_keys.get(key, []) if k in propagated]
+        error_in = max(inputs) if inputs else 0.0
+        amplification = prop / error_in if error_in > 0 and math.isfinite(error_in) else None
         results.append(OpError(
             module=path, op=op, index=index, propagated_error=prop, local_error=ref_ops.local.get(key, math.nan),
             bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp,
             headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf, nonfinite=nonfinite,
+            amplification=amplification, subnormal_fraction=subnormal_fraction(ref, fmt),
         ))
     return results
 
