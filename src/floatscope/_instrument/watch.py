@@ -32,6 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 from floatscope._errors import NonFiniteError, UsageError
 from floatscope._analyses.optimizer import optimizer_findings
 from floatscope._instrument.frames import UserFrame, frame_from
+from floatscope._instrument.health import FLUSH_SCALES, PARAM_FIELDS, HealthSampler, activation_row
 from floatscope._instrument.locate import incident_for
 from floatscope._instrument.tape import LossTape, autocast_state, restore_autocast
 from floatscope._instrument.tracer import OpTracer
@@ -43,6 +44,11 @@ from floatscope._store.sqlite import DEFAULT_STORE, RunStore
 __all__ = ["Watch", "watch"]
 
 OnAnomaly = Literal["raise", "warn", "record"]
+
+# Health sampled every this many steps: chosen so the watch stays within 1.05x of plain training
+# on benchmarks/overhead.py (see the README's figures).
+DEFAULT_HEALTH_EVERY = 50
+_INPUT_BATCHES = 3
 
 
 @dataclass(eq=False)
@@ -146,6 +152,7 @@ class Watch:
         command: Command line recorded with the run.
         max_consecutive_skips: GradScaler skips in a row that count as a loss-scale collapse.
         replay: Replay a failing pass under op-level tracing to name the op (default True).
+        health_every: Sample per-layer health every this many steps (0 turns it off).
 
     Attributes:
         incident: The first :class:`Incident`, or None.
@@ -175,6 +182,7 @@ class Watch:
         command: str | None = None,
         max_consecutive_skips: int = 32,
         replay: bool = True,
+        health_every: int = DEFAULT_HEALTH_EVERY,
     ) -> None:
         if on_anomaly not in ("raise", "warn", "record"):
             raise UsageError(f"on_anomaly must be 'raise', 'warn' or 'record', not {on_anomaly!r}")
@@ -182,6 +190,8 @@ class Watch:
         optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer", "torch.optim.Optimizer")
         if max_consecutive_skips < 1:
             raise UsageError("max_consecutive_skips must be at least 1")
+        if health_every < 0:
+            raise UsageError("health_every must be 0 (off) or a positive number of steps")
         self.models = models
         self.optimizers = optimizers
         self.scaler = scaler
@@ -220,12 +230,19 @@ class Watch:
         self._owns_store = False
         self._broken = False
         self._recent_grad_norms: list[float] = []
+        self.health = HealthSampler(health_every)
+        self._payload: list[tuple[str, Any, torch.Tensor]] = []
+        self._passes_seen = 0
+        self._configured_optimizers: set[int] = set()
+        self._sampling_now = False
 
     # ================================================================== lifecycle
     def __enter__(self) -> "Watch":
         if self._active:
             raise UsageError("this watch is already active; create a new floatscope.watch(...) for each block")
         self._open_store()
+        if self.store is None:
+            self.health.every = 0  # nowhere to record samples or fingerprints: skip computing them
         try:
             self._install()
         except BaseException:
@@ -305,6 +322,7 @@ class Watch:
         self._wrap_scalers()
 
     def _uninstall(self) -> None:
+        self.health.detach()
         if self._tape is not None:
             self._tape.stop()
             self._tape = None
@@ -448,6 +466,23 @@ class Watch:
         self._end_tapes()
         if self._flags and not self._has_pending_step():
             self._sync()  # forward-only use (no optimizer): one sync per forward
+        if self._passes_seen == 0:
+            self._record_model(module)
+        if self._passes_seen < _INPUT_BATCHES and self.store is not None:
+            leaves = _float_leaves((args, kwargs))
+            if leaves:
+                stats = torch.stack([torch.stack([t.detach().float().mean(), t.detach().float().std()
+                                                  if t.numel() > 1 else torch.zeros((), device=t.device),
+                                                  t.detach().float().min(), t.detach().float().max()])
+                                     for t in leaves if t.numel() > 0])
+                self._payload.append(("input", self._passes_seen, stats.reshape(-1)))
+        if self._passes_seen == 0:
+            self._record_precision(module)
+        self._passes_seen += 1
+        if not self._passes and self.health.is_sampling(self.step):
+            self._add_root(module)
+            self.health.attach([module])
+            self._sampling_now = True
         cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         self._passes.append(_Pass(module, args, kwargs, torch.get_rng_state(), cuda_rng, autocast_state(),
                                   torch.is_grad_enabled(), frame_from(sys._getframe(2))))
@@ -459,6 +494,8 @@ class Watch:
     def _end_pass(self, output: Any) -> None:
         current = self._passes[-1]
         current.outputs = output
+        if self.health.handles:
+            self.health.detach()
         leaves = _float_leaves(output)
         flag = _all_finite_flag(leaves)
         if flag is not None:
@@ -500,12 +537,23 @@ class Watch:
             return
         self._end_tapes()
         self.consecutive_skips = 0
-        grads = [p.grad for p in self._params(optimizer) if p.grad is not None and not p.grad.is_sparse]
-        if grads:
-            norms = _norms(grads)
+        if id(optimizer) not in self._configured_optimizers:
+            self._record_optimizer(optimizer)
+        with_grad = [p for p in self._params(optimizer) if p.grad is not None and not p.grad.is_sparse]
+        if with_grad:
+            norms = _norms([p.grad for p in with_grad])
             stacked = torch.stack([n.to(norms[0].device) for n in norms])
             self._flags.append(_Flag("grads", torch.isfinite(stacked).all(), optimizer=optimizer))
             self._log.grad_norm = torch.linalg.vector_norm(stacked)
+            if self.store is not None:
+                self._payload.append(("grad", (self.step, self._names_of(with_grad)), stacked))
+            if self._sampling_now and self.health.every:
+                scaler = self._last_scaler
+                scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+                flush = self.health.before_step(with_grad, scale)
+                scale_value = self._scale_history[-1] if scale is not None and self._scale_history else (
+                    None if scale is not None else 1.0)
+                self._payload.append(("flush", (self.step, self._names_of(with_grad), scale_value), flush))
         self._sync()
 
     @_guarded
@@ -515,9 +563,18 @@ class Watch:
         params = [p for p in self._params(optimizer) if p.is_floating_point()]
         if params:
             norms = _norms(params)
-            flag = torch.isfinite(torch.stack([n.to(norms[0].device) for n in norms])).all()
+            stacked = torch.stack([n.to(norms[0].device) for n in norms])
+            flag = torch.isfinite(stacked).all()
             self._flags.append(_Flag("params", flag, step=self.step, optimizer=optimizer,
                                      frame=frame_from(sys._getframe(1))))
+            if self.store is not None:
+                self._payload.append(("weight", (self.step, self._names_of(params)), stacked))
+            if self._sampling_now:
+                with_grad = [p for p in params if p.grad is not None and not p.grad.is_sparse]
+                updates = self.health.after_step(with_grad)
+                if updates is not None:
+                    self._payload.append(("update", (self.step, self._names_of(with_grad)), updates))
+        self._sampling_now = False
         self.step += 1
 
     # ================================================================== the one sync
@@ -536,11 +593,17 @@ class Watch:
         scale_t = getattr(scaler, "_scale", None) if scaler is not None and not skipped else None
         if isinstance(scale_t, torch.Tensor):
             scalars.append(scale_t.reshape(()))
+        payload, self._payload = self._payload, []
+        activations = self.health.take_activations()
+        blocks = [s.detach().reshape(1) for s in scalars] + [t.detach().reshape(-1) for _, _, t in payload]
+        blocks += [t.reshape(-1) for _, _, t in activations]
         values: list[float] = []
-        if scalars:
-            device = scalars[0].device
-            values = torch.stack([s.detach().reshape(()).to(device=device, dtype=torch.float32)
-                                  for s in scalars]).tolist()
+        if blocks:
+            device = blocks[0].device
+            values = torch.cat([b.to(device=device, dtype=torch.float32) for b in blocks]).tolist()
+        tail = values[len(scalars):]
+        values = values[:len(scalars)]
+        self._store_payload(payload, activations, tail)
         ok = [v != 0.0 for v in values[:n_flags]]
         extra = values[n_flags:]
         loss_v = extra.pop(0) if loss is not None else None
@@ -572,10 +635,131 @@ class Watch:
             incident = self._replay_incident(passes, "forward", bad)
         elif skipped:
             return  # inf gradients under a GradScaler: a normal skipped step
+        elif not self._grads_really_nonfinite(bad):
+            return  # huge but finite gradients whose fp32 norm overflowed: not a non-finite value
         else:
             incident = self._replay_incident(passes, "backward", bad)
         if incident is not None:
             self._report(incident)
+
+    # ================================================================== recorded configuration
+    def _names_of(self, params: list[torch.Tensor]) -> list[str]:
+        names = self._param_names()
+        return [names.get(id(p), f"param{i}") for i, p in enumerate(params)]
+
+    def _record_model(self, module: torch.nn.Module) -> None:
+        """Model structure and per-parameter initialisation statistics (read at the next sync)."""
+        self._add_root(module)
+        if self.store is None:
+            return
+        structure = [[name, type(m).__name__] for name, m in module.named_modules()]
+        params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.numel() > 0]
+        shapes = {n: [list(p.shape), str(p.dtype).removeprefix("torch.")] for n, p in params}
+        self.store.update_config(self.run_id, {"model": {"type": type(module).__name__, "structure": structure,
+                                                         "parameters": shapes}})
+        if params:
+            stats = torch.stack([torch.stack([p.detach().float().mean(),
+                                              p.detach().float().std() if p.numel() > 1 else torch.zeros(()),
+                                              p.detach().float().abs().max(), torch.linalg.vector_norm(p.detach().float())])
+                                 for _, p in params])
+            self._payload.append(("init", [n for n, _ in params], stats.reshape(-1)))
+
+    def _record_precision(self, module: torch.nn.Module) -> None:
+        if self.store is None:
+            return
+        autocast = [{"device": d, "enabled": e, "dtype": str(t).removeprefix("torch.")}
+                    for d, e, t in autocast_state() if e]
+        dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})
+        scaler = self.scaler or self._last_scaler
+        self.store.update_config(self.run_id, {"precision": {
+            "autocast": autocast, "param_dtypes": dtypes,
+            "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
+            "grad_scaler": bool(scaler is not None and scaler.is_enabled()),
+        }})
+
+    def _record_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        self._configured_optimizers.add(id(optimizer))
+        if self.store is None:
+            return
+        groups = []
+        for group in optimizer.param_groups:
+            groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()
+                           if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))})
+        config = self.store.config(self.run_id)
+        optimizers = config.get("optimizers", [])
+        optimizers.append({"type": type(optimizer).__name__, "param_groups": groups})
+        scaler = self._last_scaler or self.scaler
+        patch: dict[str, Any] = {"optimizers": optimizers}
+        if scaler is not None and scaler.is_enabled():
+            patch["grad_scaler"] = {"init_scale": float(scaler._init_scale),
+                                    "growth_interval": int(scaler._growth_interval)}
+        self.store.update_config(self.run_id, patch)
+
+    def _store_payload(self, payload: list[tuple[str, Any, torch.Tensor]],
+                       activations: list[tuple[str, str, torch.Tensor]], values: list[float]) -> None:
+        """Decode the payload of one sync into fingerprints, health rows and recorded config."""
+        offset = 0
+        health_rows: list[tuple[str, str, dict[str, Any]]] = []
+        params: dict[str, dict[str, Any]] = {}
+        health_step = None
+        for kind, meta, tensor in payload:
+            n = tensor.numel()
+            chunk, offset = values[offset:offset + n], offset + n
+            if self.store is None:
+                continue
+            if kind in ("grad", "weight"):
+                step, names = meta
+                self.store.add_fingerprint(self.run_id, step, kind, chunk)
+                if kind == "grad" and step == 0:
+                    self.store.update_config(self.run_id, {"fingerprint_params": names})
+                if self.health.is_sampling(step) and self.health.every:
+                    health_step = step
+                    for name, v in zip(names, chunk):
+                        params.setdefault(name, {})["grad_norm" if kind == "grad" else "weight_norm"] = v
+            elif kind == "flush":
+                step, names, scale = meta
+                health_step = step
+                width = len(FLUSH_SCALES) + 2
+                for i, name in enumerate(names):
+                    row = chunk[width * i:width * (i + 1)]
+                    params.setdefault(name, {}).update(
+                        grad_nonzero=row[0], grad_absmax=row[-1], loss_scale=scale,
+                        grad_flush_frac={f"{k:g}": v for k, v in zip(FLUSH_SCALES, row[1:-1])})
+            elif kind == "update":
+                step, names = meta
+                health_step = step
+                for name, v in zip(names, chunk):
+                    params.setdefault(name, {})["update_norm"] = v
+            elif kind == "init":
+                init = {name: dict(zip(("mean", "std", "absmax", "norm"), chunk[4 * i:4 * i + 4]))
+                        for i, name in enumerate(meta)}
+                self.store.update_config(self.run_id, {"init": init})
+            elif kind == "input":
+                stats = [dict(zip(("mean", "std", "min", "max"), chunk[4 * i:4 * i + 4])) for i in range(n // 4)]
+                config = self.store.config(self.run_id)
+                data = config.get("data", {})
+                data[f"batch{meta}"] = stats
+                self.store.update_config(self.run_id, {"data": data})
+        for name, dtype, tensor in activations:
+            n = tensor.numel()
+            chunk, offset = values[offset:offset + n], offset + n
+            health_rows.append((name, "activation", activation_row(name, dtype, chunk, self.health.types.get(name, ""))))
+        for name, data in params.items():
+            if "update_norm" in data and data.get("weight_norm"):
+                data["update_ratio"] = data["update_norm"] / data["weight_norm"] if data["weight_norm"] else None
+            health_rows.append((name, "param", {k: data.get(k) for k in (*PARAM_FIELDS, "update_ratio")}))
+        if self.store is not None and health_rows:
+            step = health_step if health_step is not None else self.step
+            self.store.add_health(self.run_id, step, health_rows)
+
+    def _grads_really_nonfinite(self, bad: list[_Flag]) -> bool:
+        """The cheap flag reads a norm, which overflows for finite values beyond ~1e19: check exactly."""
+        for flag in bad:
+            if flag.kind == "grads" and flag.optimizer is not None:
+                for p in self._params(flag.optimizer):
+                    if p.grad is not None and not p.grad.is_sparse and not bool(torch.isfinite(p.grad).all()):
+                        return True
+        return False
 
     # ================================================================== incidents
     def _report(self, incident: Incident) -> None:
@@ -864,6 +1048,7 @@ def watch(
     run_name: str | None = None,
     max_consecutive_skips: int = 32,
     replay: bool = True,
+    health_every: int = DEFAULT_HEALTH_EVERY,
 ) -> Watch:
     """Watch training for the first NaN/Inf; use as ``with floatscope.watch(model, opt): ...``.
 
@@ -874,4 +1059,4 @@ def watch(
         ...     train()
     """
     return Watch(model, optimizer, scaler=scaler, on_anomaly=on_anomaly, store=store, run_name=run_name,
-                 max_consecutive_skips=max_consecutive_skips, replay=replay)
+                 max_consecutive_skips=max_consecutive_skips, replay=replay, health_every=health_every)

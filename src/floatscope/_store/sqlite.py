@@ -35,6 +35,11 @@ CREATE TABLE IF NOT EXISTS steps (
     skipped INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (run_id, step));
 CREATE TABLE IF NOT EXISTS events (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL, created REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS health (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS fingerprints (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, kind TEXT NOT NULL, data TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, kind));
 """
 
 
@@ -157,6 +162,40 @@ class RunStore:
         )
         self.commit()
 
+    def add_health(self, run_id: str, step: int, rows: list[tuple[str, str, dict[str, Any]]]) -> None:
+        """Per-layer health samples: (name, kind, data) with kind "activation" or "param"."""
+        self._db.executemany("INSERT INTO health VALUES (?, ?, ?, ?, ?)",
+                             [(run_id, step, name, kind, json.dumps(to_json_value(data))) for name, kind, data in rows])
+        self._maybe_commit()
+
+    def add_fingerprint(self, run_id: str, step: int, kind: str, values: list[float]) -> None:
+        """Per-parameter fingerprints of one step: kind "grad" or "weight" (after the step)."""
+        self._db.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?)",
+                         (run_id, step, kind, json.dumps([_json_float(v) for v in values])))
+        self._maybe_commit()
+
+    def update_config(self, run_id: str, patch: dict[str, Any]) -> None:
+        """Merge ``patch`` into the run's recorded configuration."""
+        row = self._db.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
+        config = json.loads(row[0]) if row and row[0] else {}
+        config.update(to_json_value(patch))
+        self._db.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(config), run_id))
+        self._maybe_commit()
+
+    def config(self, run_id: str) -> dict[str, Any]:
+        row = self._db.execute("SELECT config FROM runs WHERE id=?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row and row[0] else {}
+
+    def health(self, run_id: str) -> list[tuple[int, str, str, dict[str, Any]]]:
+        rows = self._db.execute("SELECT step, name, kind, data FROM health WHERE run_id=? ORDER BY step, rowid",
+                                (run_id,)).fetchall()
+        return [(step, name, kind, json.loads(data)) for step, name, kind, data in rows]
+
+    def fingerprints(self, run_id: str, kind: str) -> dict[int, list[float | str | None]]:
+        rows = self._db.execute("SELECT step, data FROM fingerprints WHERE run_id=? AND kind=? ORDER BY step",
+                                (run_id, kind)).fetchall()
+        return {step: json.loads(data) for step, data in rows}
+
     def update_progress(self, run_id: str, *, steps: int, skipped_steps: int) -> None:
         self._db.execute("UPDATE runs SET steps=?, skipped_steps=? WHERE id=?", (steps, skipped_steps, run_id))
         self._maybe_commit()
@@ -217,6 +256,15 @@ class RunStore:
         rid, name, command, started, ended, status, steps, skipped, env, _config, result = row
         return RunRecord(rid, name, command, started, ended, status, steps, skipped,
                          json.loads(env) if env else {}, json.loads(result) if result else None)
+
+
+def _json_float(value: float) -> float | str:
+    """Fingerprints keep NaN and Inf visible: as the strings "nan", "inf", "-inf"."""
+    if value != value:
+        return "nan"
+    if value in (float("inf"), float("-inf")):
+        return "inf" if value > 0 else "-inf"
+    return value
 
 
 def _real(value: float | None) -> float | None:
