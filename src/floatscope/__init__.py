@@ -19,9 +19,11 @@ from floatscope._instrument.locate import locate
 from floatscope._instrument.watch import Watch, watch
 from floatscope._numerics.formats import FORMATS, FloatFormat, format_of
 from floatscope._results import Incident, OperandStats, RunResult
+from floatscope._store.env import Environment, SeedRecord, capture_env, seed_everything
 from floatscope._store.sqlite import RunStore
 
 __all__ = [
+    "Environment",
     "FORMATS",
     "FloatFormat",
     "FloatscopeError",
@@ -30,10 +32,13 @@ __all__ = [
     "OperandStats",
     "RunResult",
     "RunStore",
+    "SeedRecord",
     "StoreError",
     "UsageError",
     "Watch",
+    "capture_env",
     "format_of",
     "locate",
+    "seed_everything",
     "watch",
 ]

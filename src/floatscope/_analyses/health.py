@@ -266,17 +266,28 @@ def _underflow(run: _Run) -> list[Finding]:
         return []
     out = []
     by_param: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    losses = {s.step: s.loss for s in run.steps}
     for step, params in sorted(run.params.items()):
         for name, data in params.items():
-            if isinstance(data.get("grad_flush_frac"), dict) and data.get("grad_nonzero"):
+            if isinstance(data.get("grad_flush_frac"), dict) and data.get("grad_nonzero") is not None:
                 by_param.setdefault(name, []).append((step, data))
+
+    def flushed(step: int, data: dict[str, Any], factor: float) -> float:
+        if data["grad_nonzero"]:
+            return data["grad_flush_frac"][f"{factor:g}"]
+        # Every element is exactly 0 while the loss is not: it all flushed in the fp16 backward.
+        return 1.0 if losses.get(step) else 0.0
+
     for name, samples in by_param.items():
-        current = _median([d["grad_flush_frac"][f"{FLUSH_SCALES[0]:g}"] for _, d in samples])
+        current = _median([flushed(s, d, FLUSH_SCALES[0]) for s, d in samples])
         if not current > 0.05:
             continue
-        last = samples[-1][1]
+        last_step, last = samples[-1]
         scale = last.get("loss_scale") or 1.0
-        factor = next((k for k in FLUSH_SCALES if last["grad_flush_frac"][f"{k:g}"] < 0.01), FLUSH_SCALES[-1])
+        if last["grad_nonzero"]:
+            factor = next((k for k in FLUSH_SCALES if last["grad_flush_frac"][f"{k:g}"] < 0.01), FLUSH_SCALES[-1])
+        else:
+            factor = FLUSH_SCALES[-1]  # nothing survived to measure: GradScaler's default range
         absmax = last.get("grad_absmax") or 0.0
         ceiling = 65504.0 / (absmax * scale) if absmax > 0 else math.inf
         factor = min(factor, 2.0 ** math.floor(math.log2(ceiling))) if math.isfinite(ceiling) else factor

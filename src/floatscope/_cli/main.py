@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from floatscope._cli import demo, formats, precision, run, store_cmds
+from floatscope._cli import demo, formats, health_cmds, precision, run, store_cmds
 from floatscope._cli.render import fail
 from floatscope._errors import FloatscopeError
 
@@ -24,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     run.add_parser(sub)
     store_cmds.add_parsers(sub)
+    health_cmds.add_parsers(sub)
     precision.add_parser(sub)
     formats.add_parser(sub)
     demo.add_parser(sub)

@@ -42,32 +42,38 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-consecutive-skips", type=int, default=32, metavar="N",
                    help="GradScaler skips in a row that count as a loss-scale collapse (default 32)")
     p.add_argument("--no-replay", action="store_true", help="do not replay a failing step to name the op")
+    p.add_argument("--health-every", type=int, default=None, metavar="N",
+                   help="sample per-layer health every N steps (0 = off; default 50)")
     p.add_argument("script", help="the Python script to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     p.set_defaults(handler=main)
 
 
 def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | None, keep_going: bool = False,
-               replay: bool = True, max_consecutive_skips: int = 32, run_name: str | None = None) -> tuple[int, RunResult]:
+               replay: bool = True, max_consecutive_skips: int = 32, run_name: str | None = None,
+               health_every: int | None = None) -> tuple[int, RunResult]:
     """Run ``script`` as ``__main__`` under a global watch; return (exit status, result).
 
     The script's ``sys.argv``, ``sys.path[0]`` and working directory are what ``python SCRIPT ARGS``
     would give it; all are restored afterwards.
     """
-    from floatscope._instrument.watch import Watch
+    from floatscope._instrument.watch import DEFAULT_HEALTH_EVERY, Watch
 
     path = Path(script)
     if not path.is_file():
         raise UsageError(f"script '{script}' does not exist or is not a file")
     if max_consecutive_skips < 1:
         raise UsageError("--max-consecutive-skips must be at least 1")
+    if health_every is not None and health_every < 0:
+        raise UsageError("--health-every must be 0 (off) or a positive number of steps")
     from floatscope._store.sqlite import RunStore
 
     command = " ".join(["floatscope", "run", str(script), *argv])
     run_store = RunStore(store) if store is not None else None  # a bad store fails here, before the script runs
     watcher = Watch(None, None, on_anomaly="record" if keep_going else "raise", store=run_store,
                     run_name=run_name or path.stem, command=command, replay=replay,
-                    max_consecutive_skips=max_consecutive_skips)
+                    max_consecutive_skips=max_consecutive_skips,
+                    health_every=DEFAULT_HEALTH_EVERY if health_every is None else health_every)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(path), *argv]
     sys.path.insert(0, str(path.resolve().parent))
@@ -128,7 +134,8 @@ def main(args: argparse.Namespace) -> int:
         if not parent.exists():
             raise UsageError(f"--json {args.json}: folder {parent} does not exist")
     code, result = run_script(args.script, args.args, store=store, keep_going=args.keep_going,
-                              replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips)
+                              replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips,
+                              health_every=args.health_every)
     print_result(result, console(stderr=True), store_path=store)
     if args.json:
         write_json(args.json, result)

@@ -21,7 +21,7 @@ import shlex
 import sys
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Literal, Sequence
 
 import torch
@@ -38,7 +38,7 @@ from floatscope._instrument.tape import LossTape, autocast_state, restore_autoca
 from floatscope._instrument.tracer import OpTracer
 from floatscope._numerics.stats import operand_stats
 from floatscope._results import Incident, RunResult
-from floatscope._store.env import environment
+from floatscope._store.env import environment, last_seeding
 from floatscope._store.sqlite import DEFAULT_STORE, RunStore
 
 __all__ = ["Watch", "watch"]
@@ -287,8 +287,11 @@ class Watch:
         else:
             self.store = RunStore(store)
             self._owns_store = True
-        config = {"on_anomaly": self.on_anomaly, "global": self.global_mode,
-                  "max_consecutive_skips": self.max_consecutive_skips}
+        config: dict[str, Any] = {"on_anomaly": self.on_anomaly, "global": self.global_mode,
+                                  "max_consecutive_skips": self.max_consecutive_skips, "health_every": self.health.every}
+        seeding = last_seeding()
+        if seeding is not None:
+            config["seeds"] = asdict(seeding)
         self.run_id = self.store.new_run(name=self.run_name, command=self.command, env=environment(), config=config)
 
     def _close_store(self) -> None:
@@ -414,6 +417,8 @@ class Watch:
             return  # the scale is read at the next regular sync
         scale = float(scaler._scale.item())  # a skipped step already synced; this costs nothing extra
         self._scale_history.append(scale)
+        if self.store is not None:
+            self.store.set_step_scale(self.run_id, self.step - 1, scale)
         if self.incident is None and (scale < 1.0 or self.consecutive_skips >= self.max_consecutive_skips):
             self._collapse_incident(scale)
 
@@ -667,6 +672,11 @@ class Watch:
     def _record_precision(self, module: torch.nn.Module) -> None:
         if self.store is None:
             return
+        # Scripts seed and set flags after the watch starts (floatscope run): record them as of the first step.
+        self.store.update_env(self.run_id, environment())
+        seeding = last_seeding()
+        if seeding is not None:
+            self.store.update_config(self.run_id, {"seeds": asdict(seeding)})
         autocast = [{"device": d, "enabled": e, "dtype": str(t).removeprefix("torch.")}
                     for d, e, t in autocast_state() if e]
         dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in module.parameters()})

@@ -1,37 +1,139 @@
-"""What the run store records about the environment a run ran in."""
+"""What a run ran on, and the reproducibility helpers that set it."""
 
 from __future__ import annotations
 
 import os
 import platform
+import random
 import sys
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["environment"]
+__all__ = ["Environment", "capture_env", "environment", "seed_everything", "SeedRecord", "last_seeding"]
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Library versions, device, precision defaults, threads and determinism flags.
+
+    Example:
+        >>> capture_env().torch == torch.__version__
+        True
+    """
+
+    python: str
+    torch: str
+    numpy: str | None
+    platform: str
+    device: str
+    cuda: str | None
+    default_dtype: str
+    num_threads: int
+    num_interop_threads: int
+    deterministic_algorithms: bool
+    cudnn_deterministic: bool
+    cudnn_benchmark: bool
+    allow_tf32_matmul: bool
+    allow_tf32_cudnn: bool
+    float32_matmul_precision: str
+    torch_initial_seed: int
+    cublas_workspace_config: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def capture_env() -> Environment:
+    """The environment as the run store records it, as a frozen :class:`Environment`."""
+    numpy = sys.modules.get("numpy")
+    cuda = torch.cuda.is_available()
+    return Environment(
+        python=platform.python_version(),
+        torch=torch.__version__,
+        numpy=getattr(numpy, "__version__", None),
+        platform=platform.platform(),
+        device=torch.cuda.get_device_name(0) if cuda else "cpu",
+        cuda=torch.version.cuda if cuda else None,
+        default_dtype=str(torch.get_default_dtype()).removeprefix("torch."),
+        num_threads=torch.get_num_threads(),
+        num_interop_threads=torch.get_num_interop_threads(),
+        deterministic_algorithms=torch.are_deterministic_algorithms_enabled(),
+        cudnn_deterministic=bool(torch.backends.cudnn.deterministic),
+        cudnn_benchmark=bool(torch.backends.cudnn.benchmark),
+        allow_tf32_matmul=bool(torch.backends.cuda.matmul.allow_tf32),
+        allow_tf32_cudnn=bool(torch.backends.cudnn.allow_tf32),
+        float32_matmul_precision=torch.get_float32_matmul_precision(),
+        torch_initial_seed=torch.initial_seed(),
+        cublas_workspace_config=os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    )
 
 
 def environment() -> dict[str, Any]:
-    """Library versions, device, default dtype, thread counts and determinism flags."""
-    env: dict[str, Any] = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "platform": platform.platform(),
-        "default_dtype": str(torch.get_default_dtype()).removeprefix("torch."),
-        "num_threads": torch.get_num_threads(),
-        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
-        "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
-        "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
-        "torch_initial_seed": torch.initial_seed(),
-        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-    }
+    """:func:`capture_env` as a plain dict (what the store writes)."""
+    return capture_env().to_dict()
+
+
+@dataclass(frozen=True)
+class SeedRecord:
+    """What :func:`seed_everything` set."""
+
+    seed: int
+    python: bool
+    numpy: bool
+    torch: bool
+    cuda: bool
+    deterministic: bool
+    cudnn_deterministic: bool
+    cudnn_benchmark: bool
+    cublas_workspace_config: str | None
+
+
+_LAST: list[SeedRecord] = []
+
+
+def last_seeding() -> SeedRecord | None:
+    """The most recent :func:`seed_everything` call in this process, if any."""
+    return _LAST[-1] if _LAST else None
+
+
+def seed_everything(seed: int, *, deterministic: bool = True) -> SeedRecord:
+    """Seed Python, NumPy and torch (CPU and CUDA); with ``deterministic``, make kernels deterministic.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=True)``, ``cudnn.deterministic``,
+    turns ``cudnn.benchmark`` off and sets ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` (needed for
+    deterministic cuBLAS). Runs watched afterwards record the returned :class:`SeedRecord`.
+
+    Example:
+        >>> record = seed_everything(0)
+        >>> record.torch and torch.initial_seed() == 0
+        True
+    """
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        from floatscope._errors import UsageError
+
+        raise UsageError(f"seed must be a non-negative int, got {seed!r}")
+    random.seed(seed)
     numpy = sys.modules.get("numpy")
-    env["numpy"] = getattr(numpy, "__version__", None)
-    if torch.cuda.is_available():
-        env["device"] = torch.cuda.get_device_name(0)
-        env["cuda"] = torch.version.cuda
-        env["allow_tf32_matmul"] = bool(torch.backends.cuda.matmul.allow_tf32)
-    else:
-        env["device"] = "cpu"
-    return env
+    if numpy is None:
+        try:
+            import numpy  # noqa: F811
+        except ImportError:
+            numpy = None
+    if numpy is not None:
+        numpy.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.manual_seed_all(seed)
+    if deterministic:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    record = SeedRecord(seed, True, numpy is not None, True, cuda, deterministic,
+                        bool(torch.backends.cudnn.deterministic), bool(torch.backends.cudnn.benchmark),
+                        os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    _LAST.append(record)
+    return record

@@ -149,6 +149,10 @@ class RunStore:
         )
         self._maybe_commit()
 
+    def set_step_scale(self, run_id: str, step: int, loss_scale: float) -> None:
+        self._db.execute("UPDATE steps SET loss_scale=? WHERE run_id=? AND step=?", (loss_scale, run_id, step))
+        self._maybe_commit()
+
     def add_event(self, run_id: str, step: int, kind: str, data: dict[str, Any]) -> None:
         self._db.execute("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
                          (run_id, step, kind, json.dumps(to_json_value(data)), time.time()))
@@ -180,6 +184,10 @@ class RunStore:
         config = json.loads(row[0]) if row and row[0] else {}
         config.update(to_json_value(patch))
         self._db.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(config), run_id))
+        self._maybe_commit()
+
+    def update_env(self, run_id: str, env: dict[str, Any]) -> None:
+        self._db.execute("UPDATE runs SET env=? WHERE id=?", (json.dumps(to_json_value(env)), run_id))
         self._maybe_commit()
 
     def config(self, run_id: str) -> dict[str, Any]:

@@ -1,0 +1,402 @@
+"""Training health findings, calibrated on healthy runs; run diffs; reproducibility helpers; reports."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import floatscope
+from floatscope import RunStore
+from floatscope._analyses.diff import diff_runs
+from floatscope._analyses.health import KINDS, findings_for
+
+CLI = [sys.executable, "-m", "floatscope"]
+
+
+def _findings(store_path, run_id):
+    store = RunStore(store_path)
+    try:
+        return findings_for(store, run_id)
+    finally:
+        store.close()
+
+
+# ----------------------------------------------------------------------------------- healthy set
+class LSTMClassifier(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(8, 32, batch_first=True)
+        self.head = torch.nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _healthy(kind):
+    if kind == "mlp":
+        return (torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                                    torch.nn.Linear(64, 5)), lambda: torch.randn(64, 20))
+    if kind == "cnn":
+        return (torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                                    torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, 5)),
+                lambda: torch.randn(32, 3, 16, 16))
+    if kind == "transformer":
+        layer = torch.nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True)
+        return (torch.nn.Sequential(torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                                    torch.nn.Flatten(), torch.nn.Linear(32 * 8, 5)), lambda: torch.randn(16, 8, 32))
+    return LSTMClassifier(), lambda: torch.randn(16, 12, 8)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "transformer", "lstm"])
+def test_healthy_trainings_raise_no_finding(tmp_path, kind, autocast):
+    torch.manual_seed(0)
+    model, data = _healthy(kind)
+    teacher = torch.nn.Linear(int(data()[0].numel()), 5)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=10) as w:
+        for _ in range(120):
+            x = data()
+            with torch.no_grad():
+                y = teacher(x.reshape(x.shape[0], -1)).argmax(-1)  # a learnable task
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    assert w.result.status == "clean"
+    assert _findings(tmp_path / "s.sqlite", w.run_id) == []
+
+
+# ----------------------------------------------------------------------------------- the seeds' scenarios
+def test_deep_sigmoid_mlp_has_vanishing_gradients_in_early_layers(tmp_path):
+    torch.manual_seed(0)
+    layers = []
+    for _ in range(10):
+        layers += [torch.nn.Linear(32, 32), torch.nn.Sigmoid()]
+    model = torch.nn.Sequential(*layers, torch.nn.Linear(32, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=5) as w:
+        for _ in range(30):
+            loss = F.cross_entropy(model(torch.randn(64, 32)), torch.randint(0, 2, (64,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    found = {f.kind: f for f in _findings(tmp_path / "s.sqlite", w.run_id)}
+    vanishing = found["vanishing-gradient"]
+    assert vanishing.layers[0] == "0.weight" and "2.weight" in vanishing.layers
+    assert "18.weight" not in vanishing.layers and "20.weight" not in vanishing.layers  # the late layers learn
+    assert vanishing.evidence["first_to_last_grad_rms_ratio"] < 1e-3
+    assert 0 < vanishing.evidence["factor_per_layer"] < 0.5
+    assert any("ReLU" in s for s in vanishing.suggestions)
+
+
+class Forecaster(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = torch.nn.LSTM(4, 32, batch_first=True)
+        self.head = torch.nn.Linear(32, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0]).squeeze(-1)
+
+
+def test_lstm_with_a_large_learning_rate_has_exploding_gradients_and_a_clip_value(tmp_path):
+    torch.manual_seed(0)
+    model = Forecaster()
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=5, on_anomaly="record") as w:
+        for _ in range(40):
+            x = torch.randn(8, 30, 4)
+            loss = F.mse_loss(model(x), torch.sin(x.sum(-1).cumsum(1) / 5))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    found = {f.kind: f for f in _findings(tmp_path / "s.sqlite", w.run_id)}
+    exploding = found["exploding-gradient"]
+    clip = exploding.evidence["recommended_max_norm"]
+    assert 0 < clip < 10 * exploding.evidence["early_median_grad_norm"]
+    assert exploding.evidence["peak_grad_norm"] > 1000 * clip
+    assert f"max_norm={clip:.3g}" in exploding.suggestions[0]
+    assert "lstm.weight_hh_l0" in exploding.layers
+
+
+def test_fp16_autocast_layer_near_65504_is_an_overflow_risk(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    with torch.no_grad():
+        model[0].weight.mul_(15000.0)  # activations around 30000: one bit below fp16's max
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=5) as w:
+        for _ in range(10):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(torch.randn(32, 16))
+            loss = out.float().pow(2).mean() * 1e-12
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    risks = [f for f in _findings(tmp_path / "s.sqlite", w.run_id) if f.kind == "overflow-risk"]
+    assert risks and risks[0].layers == ["0"]
+    assert risks[0].evidence["dtype"] == "float16" and risks[0].evidence["headroom_bits"] < 2.0
+
+
+def test_collapsing_gradscaler_is_flagged(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    with floatscope.watch(model, opt, scaler=scaler, store=str(tmp_path / "s.sqlite"), on_anomaly="record") as w:
+        for _ in range(25):
+            with torch.autocast("cpu", dtype=torch.float16):
+                z = model(torch.randn(6, 4))
+            loss = torch.sqrt((z.float() - z.float().detach()) ** 2).sum()
+            opt.zero_grad()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+    collapse = [f for f in _findings(tmp_path / "s.sqlite", w.run_id) if f.kind == "loss-scale-collapse"]
+    assert collapse and collapse[0].severity == "error"
+    assert collapse[0].evidence["min_scale"] < 1.0 and "sqrt" in collapse[0].evidence["origin"]
+
+
+def test_fp16_gradient_underflow_recommends_a_scale(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=2) as w:
+        for _ in range(6):
+            with torch.autocast("cpu", dtype=torch.float16):
+                out = model(torch.randn(16, 32))
+            loss = out.float().mean() * 1e-7  # tiny gradients, no loss scaling
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    found = [f for f in _findings(tmp_path / "s.sqlite", w.run_id) if f.kind == "gradient-underflow"]
+    assert found
+    evidence = found[0].evidence
+    assert evidence["flush_fraction_at_current_scale"] > 0.05 and evidence["recommended_scale"] > 1.0
+    assert f"init_scale={evidence['recommended_scale']:g}" in found[0].suggestions[0]
+
+
+def test_loss_spike_and_dead_relu(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=5) as w:
+        for i in range(60):
+            if i == 30:
+                with torch.no_grad():
+                    model[0].bias.fill_(-50.0)  # every unit dies
+            x = torch.randn(32, 8) * (20.0 if i == 25 else 1.0)
+            loss = F.mse_loss(model(x), torch.zeros(32, 1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    found = {f.kind: f for f in _findings(tmp_path / "s.sqlite", w.run_id)}
+    assert found["loss-spike"].steps[0] == 25
+    assert found["dead-relu"].layers == ["1"] and found["dead-relu"].evidence["median_dead_fraction"] == 1.0
+
+
+def test_health_json_contract_from_the_cli(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(textwrap.dedent("""
+        import torch
+        layers = []
+        for _ in range(10):
+            layers += [torch.nn.Linear(16, 16), torch.nn.Sigmoid()]
+        model = torch.nn.Sequential(*layers, torch.nn.Linear(16, 2))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.manual_seed(0)
+        for _ in range(12):
+            loss = torch.nn.functional.cross_entropy(model(torch.randn(32, 16)), torch.randint(0, 2, (32,)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """))
+    run = subprocess.run([*CLI, "run", "--health-every", "4", "--json", "r.json", "train.py"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    run_id = json.loads((tmp_path / "r.json").read_text())["run_id"]
+    proc = subprocess.run([*CLI, "health", run_id, "--json", "h.json"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "vanishing-gradient" in proc.stdout
+    data = json.loads((tmp_path / "h.json").read_text())
+    assert data["run_id"] == run_id
+    finding = data["findings"][0]
+    assert set(finding) >= {"kind", "severity", "layers", "steps", "evidence", "explanation", "suggestions"}
+    assert finding["kind"] in KINDS and finding["severity"] in {"info", "warning", "error"}
+
+
+# ----------------------------------------------------------------------------------- diff
+DIFF_SCRIPT = """
+import sys
+import torch
+import torch.nn.functional as F
+import floatscope
+
+variant = sys.argv[1]
+floatscope.seed_everything(0)
+model = torch.nn.Sequential(torch.nn.Linear(10, 20), torch.nn.ReLU(), torch.nn.Linear(20, 2))
+if variant == "init":
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            torch.nn.init.xavier_uniform_(m.weight)
+            torch.nn.init.zeros_(m.bias)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01 if variant == "weight-decay" else 0.0)
+g = torch.Generator().manual_seed(1)
+for step in range(15):
+    x = torch.randn(16, 10, generator=g)
+    if variant == "input-scaling":
+        x = x * 255.0
+    y = torch.randint(0, 2, (16,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=variant == "dtype"):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+@pytest.fixture(scope="module")
+def diff_runs_store(tmp_path_factory):
+    from floatscope._cli.run import run_script
+
+    folder = tmp_path_factory.mktemp("diff")
+    script = folder / "train.py"
+    script.write_text(DIFF_SCRIPT)
+    store = folder / "runs.sqlite"
+    ids = {}
+    for variant in ("base", "base-again", "init", "weight-decay", "input-scaling", "dtype"):
+        code, result = run_script(script, ["base" if variant == "base-again" else variant], store=str(store),
+                                  health_every=5)
+        assert code == 0
+        ids[variant] = result.run_id
+    return store, ids
+
+
+@pytest.mark.parametrize("variant, cause, key, step, tensor", [
+    ("init", "initialisation", "init.0.weight.std", 0, "0.weight (initial value)"),
+    ("weight-decay", "optimizer", "optimizers.0.param_groups.0.weight_decay", 0,
+     "0.weight (after the optimizer update)"),
+    ("input-scaling", "input data", "data.batch0.0.std", 0, "activation of module '0'"),
+    ("dtype", "precision", "precision.autocast.0.dtype", 0, "activation of module '0'"),
+])
+def test_diff_names_the_difference_and_the_first_divergent_step(diff_runs_store, variant, cause, key, step, tensor):
+    path, ids = diff_runs_store
+    store = RunStore(path)
+    try:
+        result = diff_runs(store, ids["base"], store, ids[variant], exact=True)
+    finally:
+        store.close()
+    assert result.causes == [cause], result.causes
+    assert key in {d.key for d in result.config_differences}
+    assert (result.first_divergent_step, result.first_divergent_tensor) == (step, tensor)
+    assert cause in result.explanation
+
+
+def test_same_seed_and_deterministic_settings_diff_as_identical(diff_runs_store, tmp_path):
+    path, ids = diff_runs_store
+    proc = subprocess.run([*CLI, "diff", "--exact", "--store", str(path), ids["base"], ids["base-again"], "--json",
+                           "d.json", "--report", "d.html"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["config_differences"] == [] and data["first_divergent_step"] is None
+    assert data["first_divergent_tensor"] is None and len(data["divergence"]) == 15
+    assert all(p["loss_a"] == p["loss_b"] for p in data["divergence"])
+    assert "identical" in proc.stdout
+
+
+def test_diff_across_stores(diff_runs_store, tmp_path):
+    path, ids = diff_runs_store
+    proc = subprocess.run([*CLI, "diff", f"{path}:{ids['base']}", f"{path}:{ids['weight-decay']}", "--json", "d.json"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert data["config_differences"][0]["a"] == 0.0 and data["config_differences"][0]["b"] == 0.01
+
+
+# ----------------------------------------------------------------------------------- reproducibility helpers
+def test_seed_everything_and_capture_env():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              torch.backends.cudnn.benchmark)
+    import os
+
+    env_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    try:
+        record = floatscope.seed_everything(123)
+        a = torch.randn(3)
+        floatscope.seed_everything(123)
+        assert torch.equal(a, torch.randn(3))
+        assert record.seed == 123 and record.deterministic and record.cublas_workspace_config == ":4096:8"
+        env = floatscope.capture_env()
+        assert env.deterministic_algorithms and env.torch_initial_seed == 123
+        with pytest.raises(floatscope.UsageError):
+            floatscope.seed_everything(-1)
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[1], before[2]
+        if env_before is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+        else:
+            os.environ["CUBLAS_WORKSPACE_CONFIG"] = env_before
+
+
+def test_env_command(tmp_path):
+    proc = subprocess.run([*CLI, "env", "--json"], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    data = json.loads(proc.stdout)
+    assert data["torch"] == torch.__version__ and "deterministic_algorithms" in data
+
+
+# ----------------------------------------------------------------------------------- the report in a browser
+def _render(page: Path) -> list[int]:
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    html = page.read_text()
+    assert not re.search(r"<script[^>]+src=[\"']https?:", html)
+    expected = html.count("Plotly.newPlot")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            tab = b.new_page()
+            errors: list[str] = []
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.goto(page.as_uri())
+            tab.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {expected}")
+            counts = tab.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].map(d => d.data.reduce(
+                (n, t) => n + ((t.z || t.y || []).flat().filter(v => v !== null && v !== undefined).length), 0))""")
+        finally:
+            b.close()
+    assert errors == []
+    return counts
+
+
+def test_run_and_diff_reports_render_in_a_browser(diff_runs_store, tmp_path):
+    path, ids = diff_runs_store
+    proc = subprocess.run([*CLI, "report", ids["input-scaling"], "--store", str(path), "-o", "run.html"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    counts = _render(tmp_path / "run.html")
+    assert len(counts) == 3 and all(n > 0 for n in counts)  # loss, gradient heatmap, headroom
+    proc = subprocess.run([*CLI, "diff", "--store", str(path), ids["base"], ids["weight-decay"], "--report",
+                           "diff.html"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    page = (tmp_path / "diff.html").read_text()
+    assert "first divergence" in page
+    counts = _render(tmp_path / "diff.html")
+    assert len(counts) == 2 and all(n > 0 for n in counts)
