@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
+import os
+import tempfile
+import warnings
 import statistics
 import time
 from typing import Any, Callable
@@ -27,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import floatscope
+from floatscope._instrument.watch import DEFAULT_HEALTH_EVERY
 
 
 class Transformer(torch.nn.Module):
@@ -74,10 +77,16 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 2048, (args.batch, 129), generator=g) for _ in range(8)]
 
+    store_dir = tempfile.mkdtemp()
+    watch_default = None  # one long-lived watch per configuration, so step counts (and sampling) are real
     configs: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer, Callable[[], Any]]] = {}
     configs["plain"] = (base_model, base_opt, contextlib.nullcontext)
     m, o = make()
-    configs["floatscope.watch"] = (m, o, lambda m=m, o=o: floatscope.watch(m, o, store=None))
+    watch_default = floatscope.watch(m, o, store=os.path.join(store_dir, "a.sqlite"))
+    configs[f"watch (store, health every {DEFAULT_HEALTH_EVERY})"] = (m, o, contextlib.nullcontext)
+    m2, o2 = make()
+    watch_nostore = floatscope.watch(m2, o2, store=None)
+    configs["watch (store=None)"] = (m2, o2, contextlib.nullcontext)
     m, o = make()
     configs["detect_anomaly"] = (m, o, lambda: torch.autograd.detect_anomaly(check_nan=True))
     try:
@@ -90,24 +99,42 @@ def main() -> None:
         print("transformers not installed: DebugUnderflowOverflow skipped")
 
     times: dict[str, list[float]] = {name: [] for name in configs}
-    for name, (model, opt, ctx) in configs.items():  # warm-up
-        with ctx():
-            train_step(model, opt, batches[0])
-    for r in range(args.rounds):
-        ids = batches[r % len(batches)]
-        for name, (model, opt, ctx) in configs.items():
+    with watch_default, watch_nostore, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # detect_anomaly warns on every entry
+        for name, (model, opt, ctx) in configs.items():  # warm-up (and the watch's step-0 health sample)
             with ctx():
-                start = time.perf_counter()
-                train_step(model, opt, ids)
-                times[name].append(time.perf_counter() - start)
+                train_step(model, opt, batches[0])
+        for r in range(args.rounds):
+            ids = batches[r % len(batches)]
+            for name, (model, opt, ctx) in configs.items():
+                with ctx():
+                    start = time.perf_counter()
+                    train_step(model, opt, ids)
+                    times[name].append(time.perf_counter() - start)
 
     plain = statistics.median(times["plain"])
     print(f"model: {n_params / 1e6:.1f}M parameters, batch {args.batch} x 128 tokens, "
           f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'configuration':<26}{'median step':>14}{'ratio to plain':>16}")
+    print(f"{'configuration':<34}{'median step':>14}{'ratio to plain':>16}")
     for name, samples in times.items():
         med = statistics.median(samples)
-        print(f"{name:<26}{med * 1e3:>11.1f} ms{med / plain:>15.3f}x")
+        print(f"{name:<34}{med * 1e3:>11.1f} ms{med / plain:>15.3f}x")
+
+    # A health-sampling step costs more; amortised over DEFAULT_HEALTH_EVERY steps it must stay in budget.
+    m, o = make()
+    sample_times, normal_times = [], []
+    with floatscope.watch(m, o, store=os.path.join(store_dir, "b.sqlite"), health_every=2):
+        train_step(m, o, batches[0])
+        train_step(m, o, batches[1])
+        for r in range(6):
+            start = time.perf_counter()
+            train_step(m, o, batches[r % len(batches)])
+            (sample_times if r % 2 == 0 else normal_times).append(time.perf_counter() - start)
+    sample, normal = statistics.median(sample_times), statistics.median(normal_times)
+    watched = statistics.median(times[f"watch (store, health every {DEFAULT_HEALTH_EVERY})"])
+    amortised = (watched * (DEFAULT_HEALTH_EVERY - 1) + watched * sample / normal) / DEFAULT_HEALTH_EVERY
+    print(f"health-sampling step: {sample / normal:.2f}x a watched step; amortised over every "
+          f"{DEFAULT_HEALTH_EVERY} steps the watch costs {amortised / plain:.3f}x plain")
 
     # Localisation: a step whose loss turns non-finite, found by the watch and replayed op by op.
     model, opt = make()
