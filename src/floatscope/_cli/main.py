@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from floatscope._cli import demo, formats, health_cmds, precision, run, store_cmds
+from floatscope._cli import compare, demo, determinism, formats, health_cmds, precision, run, store_cmds
 from floatscope._cli.render import fail
 from floatscope._errors import FloatscopeError
 
@@ -16,7 +16,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="floatscope",
         description="Find, explain and fix floating-point failures in PyTorch models.",
-        epilog="Exit status: 0 clean, 1 the script failed, 2 bad input, 3 a NaN/Inf incident was found.",
+        epilog="Exit status: 0 clean, 1 the script failed, 2 bad input or a missing optional dependency, "
+               "3 a NaN/Inf incident was found.",
     )
     from floatscope import __version__
 
@@ -26,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     store_cmds.add_parsers(sub)
     health_cmds.add_parsers(sub)
     precision.add_parser(sub)
+    compare.add_parser(sub)
+    determinism.add_parser(sub)
     formats.add_parser(sub)
     demo.add_parser(sub)
     return parser
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.handler(args))
     except FloatscopeError as exc:
-        if isinstance(exc, (ValueError, OSError)):
+        if isinstance(exc, (ValueError, OSError, ImportError)):
             return fail(str(exc))
         raise
 

@@ -1,0 +1,44 @@
+"""``floatscope determinism TARGET [--backward]``: where results stop being bitwise reproducible."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from floatscope._cli.render import console
+from floatscope._cli.target import load_target
+
+__all__ = ["add_parser"]
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser("determinism", help="find the first op whose output differs bitwise between repeated runs, "
+                                           "thread counts and reduction orders")
+    p.add_argument("target", metavar="TARGET", help="path/to/file.py:factory returning (model, example_inputs)")
+    p.add_argument("--backward", action="store_true", help="also run the backward pass")
+    p.add_argument("--json", metavar="PATH")
+    p.set_defaults(handler=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from floatscope._analyses.determinism import check_determinism
+
+    model, inputs = load_target(args.target)
+    result = check_determinism(model, inputs, backward=args.backward)
+    out = console()
+    for s in result.settings:
+        if s.identical:
+            out.print(f"[green]{s.setting}[/]: bitwise identical over {s.ops_compared} ops")
+            continue
+        listed = "on PyTorch's non-deterministic list" if s.on_nondeterministic_list else "not on the non-deterministic list"
+        fixed = "removed by" if s.fixed_by_seed_everything else "not removed by"
+        out.print(f"[red]{s.setting}[/]: first differs at op #{s.first_op_index} {s.first_op} ({s.phase}, module "
+                  f"'{s.module}'), by up to {s.max_ulp:.3g} ULPs ({s.max_abs:.3g} absolute); {listed}; {fixed} "
+                  f"seed_everything(0, deterministic=True)")
+        if s.note:
+            out.print(f"  {s.note}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+    return 0
