@@ -56,3 +56,36 @@ def _no_leaks() -> Any:
     before = torch_global_state()
     yield
     assert torch_global_state() == before
+
+
+def render_in_browser(page: Path) -> list[int]:
+    """Load a report in headless Chromium; return the number of data points each plot rendered.
+
+    Fails on any console error or page error; skips when Chromium or Playwright is missing.
+    """
+    import re
+    import shutil
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if browser is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    html = page.read_text()
+    assert not re.search(r"<script[^>]+src=[\"']https?:", html), "the page must not load scripts from a CDN"
+    expected = html.count("Plotly.newPlot")
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=browser, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        try:
+            tab = b.new_page()
+            errors: list[str] = []
+            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            tab.on("pageerror", lambda e: errors.append(str(e)))
+            tab.goto(page.as_uri())
+            tab.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {expected}")
+            counts = tab.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].map(d => d.data.reduce(
+                (n, t) => n + ((t.z || t.y || []).flat().filter(v => v !== null && v !== undefined).length), 0))""")
+        finally:
+            b.close()
+    assert errors == [], errors
+    return counts

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import re
-import shutil
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,6 +15,7 @@ import floatscope
 from floatscope import RunStore
 from floatscope._analyses.diff import diff_runs
 from floatscope._analyses.health import KINDS, findings_for
+from conftest import render_in_browser
 
 CLI = [sys.executable, "-m", "floatscope"]
 
@@ -360,43 +358,17 @@ def test_env_command(tmp_path):
 
 
 # ----------------------------------------------------------------------------------- the report in a browser
-def _render(page: Path) -> list[int]:
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    html = page.read_text()
-    assert not re.search(r"<script[^>]+src=[\"']https?:", html)
-    expected = html.count("Plotly.newPlot")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-        try:
-            tab = b.new_page()
-            errors: list[str] = []
-            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: errors.append(str(e)))
-            tab.goto(page.as_uri())
-            tab.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {expected}")
-            counts = tab.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].map(d => d.data.reduce(
-                (n, t) => n + ((t.z || t.y || []).flat().filter(v => v !== null && v !== undefined).length), 0))""")
-        finally:
-            b.close()
-    assert errors == []
-    return counts
-
-
 def test_run_and_diff_reports_render_in_a_browser(diff_runs_store, tmp_path):
     path, ids = diff_runs_store
     proc = subprocess.run([*CLI, "report", ids["input-scaling"], "--store", str(path), "-o", "run.html"], cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    counts = _render(tmp_path / "run.html")
+    counts = render_in_browser(tmp_path / "run.html")
     assert len(counts) == 3 and all(n > 0 for n in counts)  # loss, gradient heatmap, headroom
     proc = subprocess.run([*CLI, "diff", "--store", str(path), ids["base"], ids["weight-decay"], "--report",
                            "diff.html"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     page = (tmp_path / "diff.html").read_text()
     assert "first divergence" in page
-    counts = _render(tmp_path / "diff.html")
+    counts = render_in_browser(tmp_path / "diff.html")
     assert len(counts) == 2 and all(n > 0 for n in counts)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from conftest import render_in_browser
 
 CLI = [sys.executable, "-m", "floatscope"]
 EXAMPLE = Path(__file__).resolve().parent.parent / "src" / "floatscope" / "examples" / "lstm_accumulation.py"
@@ -97,25 +98,7 @@ def test_report_is_self_contained_and_renders_in_a_browser(tmp_path, target):
     assert not re.search(r"<script[^>]+src=[\"']https?:", page)  # no CDN
     plots = page.count("Plotly.newPlot")
     assert plots == 3  # error per module, local vs amplification, headroom; no recurrence in this model
-    browser = shutil.which("chromium") or shutil.which("chromium-browser")
-    sync_api = pytest.importorskip("playwright.sync_api")
-    if browser is None:
-        pytest.skip("Chromium is not installed (apt-get install chromium)")
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=browser, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
-        try:
-            tab = b.new_page()
-            errors: list[str] = []
-            tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            tab.on("pageerror", lambda e: errors.append(str(e)))
-            tab.goto((tmp_path / "report.html").as_uri())
-            tab.wait_for_function(f"document.querySelectorAll('.js-plotly-plot').length === {plots}")
-            points = tab.evaluate("""() => [...document.querySelectorAll('.js-plotly-plot')].map(
-                d => d.data.reduce((n, t) => n + ((t.y || []).filter(v => v !== null).length), 0))""")
-        finally:
-            b.close()
-    assert errors == []
+    points = render_in_browser(tmp_path / "report.html")
     assert all(n > 0 for n in points), points
 
 

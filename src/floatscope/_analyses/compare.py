@@ -22,6 +22,7 @@ import copy
 import io
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -100,9 +101,19 @@ class CompareResult:
 
 # ------------------------------------------------------------------------------ export and mapping
 def _export(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, str]:
+    with warnings.catch_warnings():
+        return _export_quietly(model, inputs)
+
+
+def _export_quietly(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, str]:
     onnx, _ = require_onnx()
     buffer = io.BytesIO()
     try:
+        # The exporter's own deprecation and tracer warnings concern floatscope's choice of exporter, not the
+        # user's model: keep them out of the user's output.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # PRESERVE keeps eval semantics without folding BatchNorm into Conv, so every module keeps its nodes.
         torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=17, do_constant_folding=True,
                           training=torch.onnx.TrainingMode.PRESERVE)
@@ -165,8 +176,10 @@ def _to_fp16(model: Any) -> Any:
         raise MissingDependency(f"fp16 deployment needs onnxconverter-common: {_INSTALL}") from None
     onnx, _ = require_onnx()
     # The converter clamps weights to [1e-7, 1e4] by default; use float16's real limits instead.
-    converted = float16.convert_float_to_float16(model, min_positive_val=2.0**-24, max_finite_val=65504.0,
-                                                 keep_io_types=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # per-value "truncated" notes; the comparison shows the effect
+        converted = float16.convert_float_to_float16(model, min_positive_val=2.0**-24, max_finite_val=65504.0,
+                                                     keep_io_types=True)
     # The converter types every float value as float16 but leaves the model's own Cast(to=FLOAT) nodes
     # alone; make them cast to float16 too. Its boundary casts (to a graph output, from a graph input) stay.
     outputs = {v.name for v in converted.graph.output}

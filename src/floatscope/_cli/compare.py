@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console
+from floatscope._cli.render import console, fmt_num
 from floatscope._cli.target import load_target
 from floatscope._errors import UsageError
 
@@ -51,12 +50,6 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isinf(x) or math.isnan(x):
-        return str(x)
-    return f"{x:.3g}"
 
 
 def _print(result: Any, out: Any) -> None:
@@ -71,18 +64,18 @@ def _print(result: Any, out: Any) -> None:
         mark = "[green]ok[/]" if m.passed else "[red]DIVERGES[/]"
         if m.name == result.first_divergent:
             mark = "[bold red]FIRST DIVERGENT[/]"
-        table.add_row(m.name, m.type, _num(m.max_abs), _num(m.max_rel), _num(m.max_ulp), mark)
+        table.add_row(m.name, m.type, fmt_num(m.max_abs), fmt_num(m.max_rel), fmt_num(m.max_ulp), mark)
     out.print(table)
     tol = result.tolerance
     req = result.required_tolerance
-    out.print(f"tolerance atol={tol['atol']:g} rtol={tol['rtol']:g}; would have passed with atol={_num(req['atol'])} "
-              f"(rtol 0) or rtol={_num(req['rtol'])} (atol 0)")
+    out.print(f"tolerance atol={tol['atol']:g} rtol={tol['rtol']:g}; would have passed with atol={fmt_num(req['atol'])} "
+              f"(rtol 0) or rtol={fmt_num(req['rtol'])} (atol 0)")
     o = result.output
     flips = "-" if o.top1_flip_rate is None else f"{o.top1_flip_rate:.1%}"
-    out.print(f"output: max abs {_num(o.max_abs)}, max rel {_num(o.max_rel)}; top-1 flips {flips} over {o.samples} "
-              f"samples, max logit change {_num(o.max_logit_change)}")
-    out.print(f"graph optimizations change the output by {_num(result.fusion_effect)}; exposing intermediate "
-              f"outputs changes it by {_num(result.exposure_effect)}")
+    out.print(f"output: max abs {fmt_num(o.max_abs)}, max rel {fmt_num(o.max_rel)}; top-1 flips {flips} over {o.samples} "
+              f"samples, max logit change {fmt_num(o.max_logit_change)}")
+    out.print(f"graph optimizations change the output by {fmt_num(result.fusion_effect)}; exposing intermediate "
+              f"outputs changes it by {fmt_num(result.exposure_effect)}")
     if result.first_divergent:
         out.print(f"[red]first divergent module: {result.first_divergent}[/]")
 

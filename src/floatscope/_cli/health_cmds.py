@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, print_incident
+from floatscope._cli.render import console
 from floatscope._cli.run import add_store_option
 from floatscope._cli.store_cmds import _open
 from floatscope._errors import UsageError

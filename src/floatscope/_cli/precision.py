@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console
+from floatscope._cli.render import console, fmt_num
 from floatscope._cli.target import load_target
 from floatscope._errors import UsageError
 
@@ -51,30 +50,22 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _num(x: float | None) -> str:
-    if x is None:
-        return "-"
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf"
-    return f"{x:.3g}"
 
 
 def _print(result: Any, out: Any, top: int) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{result.dtype} ({result.mode}) against float64: output error {_num(result.output_error)}"
-                        f" (tolerance {_num(result.tolerance)})", title_justify="left")
+    table = Table(title=f"{result.dtype} ({result.mode}) against float64: output error {fmt_num(result.output_error)}"
+                        f" (tolerance {fmt_num(result.tolerance)})", title_justify="left")
     for col in ("rank", "module", "type", "propagated", "local", "amplif.", "bits", "max ulp", "headroom", "non-fin"):
         table.add_column(col, no_wrap=col not in ("module",), justify="left" if col in ("module", "type") else "right")
     order = {name: i for i, name in enumerate(result.ranking)}
     modules = sorted((m for m in result.modules if m.name), key=lambda m: order.get(m.name, len(order)))
     for m in modules[:top]:
         flag = "[red]" if m.name in result.flagged else ""
-        table.add_row(str(order.get(m.name, -1) + 1), f"{flag}{m.name}", m.type, _num(m.propagated_error),
-                      _num(m.local_error), _num(m.amplification), f"{m.bits_correct:.1f}", _num(m.max_ulp),
-                      _num(m.headroom_bits), str(m.nonfinite))
+        table.add_row(str(order.get(m.name, -1) + 1), f"{flag}{m.name}", m.type, fmt_num(m.propagated_error),
+                      fmt_num(m.local_error), fmt_num(m.amplification), f"{m.bits_correct:.1f}", fmt_num(m.max_ulp),
+                      fmt_num(m.headroom_bits), str(m.nonfinite))
     out.print(table)
     if result.flagged:
         out.print(f"[red]flagged[/]: {', '.join(result.flagged)} (local error above tolerance, or within 1 bit "
@@ -82,12 +73,12 @@ def _print(result: Any, out: Any, top: int) -> None:
     else:
         out.print("[green]nothing flagged[/]")
     for acc in result.accumulations[:3]:
-        out.print(f"error over {len(acc.error)} time steps in '{acc.module or '<output>'}': {_num(acc.error[0])} -> "
-                  f"{_num(acc.error[-1])}, {acc.model} growth {_num(acc.growth_per_step)} per step")
+        out.print(f"error over {len(acc.error)} time steps in '{acc.module or '<output>'}': {fmt_num(acc.error[0])} -> "
+                  f"{fmt_num(acc.error[-1])}, {acc.model} growth {fmt_num(acc.growth_per_step)} per step")
     rec = result.recommendation
     if rec is not None:
         verdict = "[green]meets[/]" if rec.tolerance_met else "[red]does not meet[/]"
-        out.print(f"keep in float32: {rec.keep_fp32 or 'nothing'}; output error {_num(rec.output_error_before)} -> "
-                  f"{_num(rec.output_error_after)}, {verdict} {_num(rec.tolerance)}; "
+        out.print(f"keep in float32: {rec.keep_fp32 or 'nothing'}; output error {fmt_num(rec.output_error_before)} -> "
+                  f"{fmt_num(rec.output_error_after)}, {verdict} {fmt_num(rec.tolerance)}; "
                   f"{rec.fp32_param_fraction:.1%} of parameters in float32")
         out.print(rec.snippet, highlight=False, markup=False)

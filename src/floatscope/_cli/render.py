@@ -72,3 +72,14 @@ def fail(message: str) -> int:
     """Print one clean error line and return exit status 2."""
     sys.stderr.write(f"floatscope: error: {message}\n")
     return 2
+
+
+def fmt_num(x: float | None) -> str:
+    """A number for a table cell: 3 significant digits; "-" for None; nan/inf spelled out."""
+    if x is None:
+        return "-"
+    if x != x:
+        return "nan"
+    if x in (float("inf"), float("-inf")):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.3g}"

@@ -361,44 +361,34 @@ class Watch:
                     self._restore.append(lambda t=target, n=name: delattr(t, n))
 
     def _make_scaler_step(self, original: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
-        watch = self
-
         def step(*args: Any, **kwargs: Any) -> Any:
-            scaler = original.__self__ if bound else args[0]
-            before = watch._opt_step_calls
+            before = self._opt_step_calls
             ret = original(*args, **kwargs)
-            if watch._active and not watch._replaying and watch._opt_step_calls == before:
-                watch._on_skipped_step(scaler)
+            if self._active and not self._replaying and self._opt_step_calls == before:
+                self._on_skipped_step(original.__self__ if bound else args[0])
             return ret
 
         return step
 
     def _make_scaler_update(self, original: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
-        watch = self
-
         def update(*args: Any, **kwargs: Any) -> Any:
-            scaler = original.__self__ if bound else args[0]
             ret = original(*args, **kwargs)
-            if watch._active and not watch._replaying:
-                watch._after_scaler_update(scaler)
+            if self._active and not self._replaying:
+                self._after_scaler_update(original.__self__ if bound else args[0])
             return ret
 
         return update
 
     def _make_scaler_scale(self, original: Callable[..., Any], *, bound: bool) -> Callable[..., Any]:
-        watch = self
-
         def scale(*args: Any, **kwargs: Any) -> Any:
-            scaler = original.__self__ if bound else args[0]
+            self._last_scaler = original.__self__ if bound else args[0]
             outputs = args[0] if bound else args[1]
-            watch._last_scaler = scaler
-            if watch._active and watch._passes and isinstance(outputs, torch.Tensor):
-                watch._passes[-1].loss_value = outputs.detach()
+            if self._active and self._passes and isinstance(outputs, torch.Tensor):
+                self._passes[-1].loss_value = outputs.detach()
             return original(*args, **kwargs)
 
         return scale
 
-    @_guarded
     def _on_skipped_step(self, scaler: Any) -> None:
         self._last_scaler = scaler
         self._end_tapes()

@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from floatscope._analyses.diff import RunDiff
+from floatscope._analyses.diff import RunDiff, _as_float
 from floatscope._analyses.health import findings_for
 from floatscope._report.page import Page, finite_or_none, plotly
 from floatscope._store.sqlite import RunStore
@@ -56,7 +56,7 @@ def write_run_report(store: RunStore, run_id: str, path: str | Path) -> Path:
         ordered = sorted(grads)
         z = [[None] * len(ordered) for _ in names]
         for j, step in enumerate(ordered):
-            for i, value in enumerate(_log10([_num(v) for v in grads[step]])[: len(names)]):
+            for i, value in enumerate(_log10([_as_float(v) for v in grads[step]])[: len(names)]):
                 z[i][j] = value
         fig = go.Figure(go.Heatmap(z=z, x=ordered, y=names, colorscale="Viridis",
                                    colorbar={"title": "log10 |grad|"}))
@@ -126,10 +126,3 @@ def write_diff_report(store_a: RunStore, store_b: RunStore, diff: RunDiff, path:
     page.table(["key", "A", "B"], [[d.key, str(d.a), str(d.b)] for d in diff.config_differences] or [["-", "", ""]])
     return page.write(path)
 
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, (int, float)):
-        return float(v)
-    if v in ("nan", "inf", "-inf"):
-        return float(v)
-    return None
