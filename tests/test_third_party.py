@@ -77,3 +77,33 @@ def test_gpt2_under_floatscope_run_captures_keyword_arguments(tmp_path):
     incident = result.incident
     assert (incident.op, incident.phase, incident.step) == ("aten.pow.Tensor_Scalar", "forward", 1)
     assert incident.module == "transformer.h.0.mlp.act" and incident.exact
+
+
+class LogitsOnly(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def test_gpt2_precision_analysis_and_onnx_comparison():
+    import floatscope.precision
+
+    torch.manual_seed(0)
+    model = LogitsOnly(_gpt2().float()).eval()
+    ids = torch.randint(0, 128, (2, 16))
+    result = floatscope.precision.analyze(model, (ids,), dtype="bfloat16")
+    names = {m.name for m in result.modules}
+    assert "model.transformer.h.1.mlp.c_fc" in names and "model.transformer.h.0.attn" in names
+    assert 0 < result.output_error < 0.05 and result.flagged == []
+    embed = result.module("model.transformer.wte")
+    assert embed.amplification is None  # token ids carry no error
+    onnx = pytest.importorskip("onnxruntime")
+    assert onnx is not None
+    import floatscope.compare
+
+    compared = floatscope.compare.onnxruntime(model, (ids,))
+    assert compared.first_divergent is None and compared.matched_leaf_fraction >= 0.9
+    assert compared.output.max_abs < 1e-4

@@ -18,6 +18,7 @@ output is also compared with and without them, and with graph optimizations off 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import math
@@ -107,22 +108,28 @@ def _export(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, str]:
 
 def _export_quietly(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[Any, str]:
     onnx, _ = require_onnx()
+    # The exporter's own deprecation and tracer warnings concern floatscope's choice of exporter, not the
+    # user's model: keep them out of the user's output.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
     buffer = io.BytesIO()
+    chatter = io.StringIO()  # the exporters print progress and graph dumps; the user asked for a comparison
     try:
-        # The exporter's own deprecation and tracer warnings concern floatscope's choice of exporter, not the
-        # user's model: keep them out of the user's output.
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # PRESERVE keeps eval semantics without folding BatchNorm into Conv, so every module keeps its nodes.
-        torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=17, do_constant_folding=True,
-                          training=torch.onnx.TrainingMode.PRESERVE)
-        exporter = "torchscript"
-    except TypeError:  # a torch without the TorchScript exporter
-        buffer = io.BytesIO()
-        torch.onnx.export(model, inputs, buffer, dynamo=True)
-        exporter = "dynamo"
-    return onnx.load_from_string(buffer.getvalue()), exporter
+        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+            torch.onnx.export(model, inputs, buffer, dynamo=False, opset_version=17, do_constant_folding=True,
+                              training=torch.onnx.TrainingMode.PRESERVE)
+        return onnx.load_from_string(buffer.getvalue()), "torchscript"
+    except Exception as first:  # noqa: BLE001 - an op the TorchScript exporter lacks: try the dynamo exporter
+        first = str(first).splitlines()[0] if str(first) else type(first).__name__
+        try:
+            with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
+                program = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
+        except Exception as second:  # noqa: BLE001
+            raise UsageError(f"the model could not be exported to ONNX: TorchScript exporter: {first}; dynamo "
+                             f"exporter: {second}") from None
+        return program.model_proto, "dynamo"
 
 
 def _scope(node: Any) -> str | None:
