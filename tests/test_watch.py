@@ -253,3 +253,67 @@ def test_replay_restores_buffers_and_rng():
         assert torch.equal(model[1].running_mean, running_mean)
         assert torch.equal(torch.get_rng_state(), rng)
     assert w.incident is not None and w.incident.exact
+
+
+class _SyncCounter(torch.overrides.TorchFunctionMode):
+    """Counts device-to-host reads (item, tolist, bool, float, int, cpu, numpy) made by floatscope's code."""
+
+    READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "cpu", "numpy"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+        import os
+
+        self.package = os.path.dirname(floatscope.__file__)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import sys
+
+        if getattr(func, "__name__", "") in self.READS:
+            frame = sys._getframe(1)
+            while frame is not None and "/torch/" in frame.f_code.co_filename:
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(self.package):
+                self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("health_every", [0, 5])
+def test_the_watch_reads_the_device_about_once_per_step(store_path, health_every):
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    counter = _SyncCounter()
+    steps = 20
+    with counter:
+        with floatscope.watch(model, opt, store=str(store_path), health_every=health_every):
+            for x, y in _batches(steps):
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    # One tolist() per step, plus the final read of the last step's flags at exit.
+    assert counter.count <= steps + 1, counter.count
+
+
+class Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x, temperature):
+        return torch.exp(self.fc(x) / temperature)  # MARK:inference-exp
+
+
+def test_inference_only_watch_finds_the_origin():
+    torch.manual_seed(0)
+    model = Scaled().eval()
+    with pytest.raises(NonFiniteError) as info:
+        with floatscope.watch(model, store=None):
+            with torch.no_grad():
+                for temperature in (1.0, 1.0, 1e-3, 1.0):
+                    model(torch.randn(2, 4), temperature=temperature)
+    incident = info.value.incident
+    assert incident.op == "aten.exp.default" and incident.phase == "forward" and incident.module == ""
+    assert (incident.file, incident.line) == line_of("MARK:inference-exp")

@@ -459,8 +459,8 @@ class Watch:
 
     def _begin_pass(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         self._end_tapes()
-        if self._flags and not self._has_pending_step():
-            self._sync()  # forward-only use (no optimizer): one sync per forward
+        if self._flags and self._passes and not self._has_pending_step():
+            self._sync()  # forward-only use (inference, no optimizer): one sync per forward
         if self._passes_seen == 0:
             self._record_model(module)
         if self._passes_seen < _INPUT_BATCHES and self.store is not None:
