@@ -42,3 +42,12 @@ __all__ = [
     "seed_everything",
     "watch",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # floatscope.precision and floatscope.compare load on first use (PEP 562), keeping import light.
+    if name in ("precision", "compare"):
+        import importlib
+
+        return importlib.import_module(f"floatscope.{name}")
+    raise AttributeError(f"module 'floatscope' has no attribute {name!r}")
