@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 import warnings
@@ -15,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import Transformer  # noqa: E402
+from overhead import Transformer, median_forward  # noqa: E402
 
 import floatscope.compare  # noqa: E402
 
@@ -28,14 +27,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = Transformer().eval()
     ids = torch.randint(0, 2048, (4, 128))
-    with torch.no_grad():
-        model(ids)
-        samples = []
-        for _ in range(5):
-            start = time.perf_counter()
-            model(ids)
-            samples.append(time.perf_counter() - start)
-    forward = statistics.median(samples)
+    forward = median_forward(model, (ids,))
     start = time.perf_counter()
     result = floatscope.compare.onnxruntime(model, (ids,), dtype=args.dtype)
     total = time.perf_counter() - start

@@ -58,6 +58,18 @@ def make(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, torch.optim.AdamW(model.parameters(), lr=3e-4)
 
 
+def median_forward(model: torch.nn.Module, inputs: tuple[Any, ...], repeats: int = 5) -> float:
+    """Median seconds of one no-grad forward pass (after a warm-up pass)."""
+    samples = []
+    with torch.no_grad():
+        model(*inputs)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*inputs)
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
     logits = model(ids[:, :-1])
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))

@@ -9,7 +9,6 @@ local errors, ranking runs, policy search) as a ratio to one plain float32 forwa
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import Transformer  # noqa: E402
+from overhead import Transformer, median_forward  # noqa: E402
 
 import floatscope.precision  # noqa: E402
 
@@ -33,14 +32,7 @@ def main() -> None:
     model = Transformer().eval()
     ids = torch.randint(0, 2048, (args.batch, 128))
     n_params = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        model(ids)
-        samples = []
-        for _ in range(5):
-            start = time.perf_counter()
-            model(ids)
-            samples.append(time.perf_counter() - start)
-    forward = statistics.median(samples)
+    forward = median_forward(model, (ids,))
 
     start = time.perf_counter()
     floatscope.precision.analyze(torch.nn.Linear(4, 4), (torch.randn(2, 4),), dtype=args.dtype, search=False)

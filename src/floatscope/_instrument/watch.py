@@ -229,6 +229,7 @@ class Watch:
         self._scale_history: list[float] = []
         self._owns_store = False
         self._broken = False
+        self._names_cache: tuple[int, dict[int, str]] | None = None
         self._recent_grad_norms: list[float] = []
         self.health = HealthSampler(health_every)
         self._payload: list[tuple[str, Any, torch.Tensor]] = []
@@ -772,11 +773,14 @@ class Watch:
             warnings.warn(incident.diagnosis(), RuntimeWarning, stacklevel=_user_stacklevel())
 
     def _param_names(self) -> dict[int, str]:
-        names: dict[int, str] = {}
-        for root in self._roots.values():
-            for name, p in root.named_parameters(remove_duplicate=False):
-                names.setdefault(id(p), name)
-        return names
+        """``{id(param): dotted name}`` over the watched roots; rebuilt only when a root is added."""
+        if self._names_cache is None or self._names_cache[0] != len(self._roots):
+            names: dict[int, str] = {}
+            for root in self._roots.values():
+                for name, p in root.named_parameters(remove_duplicate=False):
+                    names.setdefault(id(p), name)
+            self._names_cache = (len(self._roots), names)
+        return self._names_cache[1]
 
     def _optimizer_incident(self, flag: _Flag) -> Incident:
         optimizer = flag.optimizer
