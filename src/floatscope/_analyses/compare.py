@@ -39,7 +39,7 @@ __all__ = ["CompareResult", "ModuleAgreement", "compare_onnxruntime", "require_o
 
 OptLevel = Literal["none", "basic", "all"]
 DEFAULT_TOLERANCE = {"float32": (1e-5, 1e-4), "float16": (1e-3, 1e-2)}
-_INSTALL = "pip install 'floatscope[onnx]'  (onnx, onnxruntime, onnxconverter-common)"
+_INSTALL = "pip install 'floatscope[onnx]'  (onnx, onnxruntime, onnxconverter-common, onnxscript)"
 
 
 class MissingDependency(FloatscopeError, ImportError):
