@@ -126,6 +126,9 @@ def _export_quietly(model: torch.nn.Module, inputs: tuple[Any, ...]) -> tuple[An
         try:
             with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter):
                 program = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
+        except ImportError as missing:
+            raise MissingDependency(f"the TorchScript exporter failed ({first}) and the dynamo exporter needs "
+                                    f"{missing.name or 'onnxscript'}: {_INSTALL}") from None
         except Exception as second:  # noqa: BLE001
             raise UsageError(f"the model could not be exported to ONNX: TorchScript exporter: {first}; dynamo "
                              f"exporter: {second}") from None
