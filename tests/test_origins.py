@@ -559,3 +559,27 @@ def test_incident_json_round_trips_with_strict_json():
     again = floatscope.Incident.from_dict(__import__("json").loads(text))
     assert again.op == incident.op and again.operands[0].shape == incident.operands[0].shape
     assert math.isnan(again.output.min) or again.output.min == incident.output.min
+
+
+def test_exact_optimizer_replays_the_update_op_by_op():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)).half()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def step(i):
+        x = torch.randn(64, 16).half()
+        loss = ((model(x) - 0.01 * torch.randn(64, 1).half()) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # MARK:exact-adam-step
+
+    incident = watch_until_incident(model, opt, step, 3, exact_optimizer=True)
+    assert (incident.phase, incident.step, incident.param) == ("optimizer", 0, "0.weight")
+    assert incident.op == "aten.addcdiv_.default" and incident.exact
+    assert (incident.file, incident.line) == line_of("MARK:exact-adam-step")
+    denominator = incident.operands[2]
+    assert denominator.zeros > 0 and incident.output.inf == denominator.zeros  # x / 0 where sqrt(v) + eps == 0
+    assert "rounds to 0" in incident.explanation
+    # The replay put the post-step values back: the parameter is as the failing step left it.
+    assert not torch.equal(model[0].weight, before["0.weight"]) and torch.isinf(model[0].weight).any()

@@ -42,6 +42,9 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-consecutive-skips", type=int, default=32, metavar="N",
                    help="GradScaler skips in a row that count as a loss-scale collapse (default 32)")
     p.add_argument("--no-replay", action="store_true", help="do not replay a failing step to name the op")
+    p.add_argument("--exact-optimizer", action="store_true",
+                   help="copy parameters and optimizer state before each step so an optimizer-made NaN/Inf is "
+                        "replayed op by op (costs a copy of the optimizer's memory per step)")
     p.add_argument("--health-every", type=int, default=None, metavar="N",
                    help="sample per-layer health every N steps (0 = off; default 50)")
     p.add_argument("script", help="the Python script to run")
@@ -51,7 +54,7 @@ def add_parser(sub: Any) -> None:
 
 def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | None, keep_going: bool = False,
                replay: bool = True, max_consecutive_skips: int = 32, run_name: str | None = None,
-               health_every: int | None = None) -> tuple[int, RunResult]:
+               health_every: int | None = None, exact_optimizer: bool = False) -> tuple[int, RunResult]:
     """Run ``script`` as ``__main__`` under a global watch; return (exit status, result).
 
     The script's ``sys.argv``, ``sys.path[0]`` and working directory are what ``python SCRIPT ARGS``
@@ -73,7 +76,8 @@ def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | 
     watcher = Watch(None, None, on_anomaly="record" if keep_going else "raise", store=run_store,
                     run_name=run_name or path.stem, command=command, replay=replay,
                     max_consecutive_skips=max_consecutive_skips,
-                    health_every=DEFAULT_HEALTH_EVERY if health_every is None else health_every)
+                    health_every=DEFAULT_HEALTH_EVERY if health_every is None else health_every,
+                    exact_optimizer=exact_optimizer)
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(path), *argv]
     sys.path.insert(0, str(path.resolve().parent))
@@ -135,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"--json {args.json}: folder {parent} does not exist")
     code, result = run_script(args.script, args.args, store=store, keep_going=args.keep_going,
                               replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips,
-                              health_every=args.health_every)
+                              health_every=args.health_every, exact_optimizer=args.exact_optimizer)
     print_result(result, console(stderr=True), store_path=store)
     if args.json:
         write_json(args.json, result)

@@ -16,6 +16,7 @@ GradScaler steps skipped for inf gradients are counted, not reported; a collapsi
 
 from __future__ import annotations
 
+import copy
 import math
 import shlex
 import sys
@@ -67,6 +68,21 @@ class _Pass:
     tape: LossTape | None = None
     loss: Any = None
     loss_value: torch.Tensor | None = None
+
+
+@dataclass(eq=False)
+class _OptSnapshot:
+    """Parameters, gradients and optimizer state as they were before one optimizer step."""
+
+    step: int
+    params: list[torch.Tensor]
+    values: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
+    state: dict[int, dict[str, Any]]
+
+
+def _clone_state(state: dict[str, Any]) -> dict[str, Any]:
+    return {k: (v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)) for k, v in state.items()}
 
 
 @dataclass(eq=False)
@@ -153,6 +169,9 @@ class Watch:
         max_consecutive_skips: GradScaler skips in a row that count as a loss-scale collapse.
         replay: Replay a failing pass under op-level tracing to name the op (default True).
         health_every: Sample per-layer health every this many steps (0 turns it off).
+        exact_optimizer: Keep a copy of parameters, gradients and optimizer state before every
+            step, so an optimizer-made NaN/Inf is replayed op by op (the aten op is named). Costs
+            a copy of the optimizer's memory per step; off by default.
 
     Attributes:
         incident: The first :class:`Incident`, or None.
@@ -183,6 +202,7 @@ class Watch:
         max_consecutive_skips: int = 32,
         replay: bool = True,
         health_every: int = DEFAULT_HEALTH_EVERY,
+        exact_optimizer: bool = False,
     ) -> None:
         if on_anomaly not in ("raise", "warn", "record"):
             raise UsageError(f"on_anomaly must be 'raise', 'warn' or 'record', not {on_anomaly!r}")
@@ -202,6 +222,8 @@ class Watch:
         self.command = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
         self.max_consecutive_skips = max_consecutive_skips
         self.replay_enabled = replay
+        self.exact_optimizer = exact_optimizer
+        self._opt_snapshots: dict[int, _OptSnapshot] = {}
 
         self.step = 0
         self.skipped_steps = 0
@@ -551,6 +573,12 @@ class Watch:
                     None if scale is not None else 1.0)
                 self._payload.append(("flush", (self.step, self._names_of(with_grad), scale_value), flush))
         self._sync()
+        if self.exact_optimizer:
+            params = self._params(optimizer)
+            self._opt_snapshots[id(optimizer)] = _OptSnapshot(
+                step=self.step, params=params, values=[p.detach().clone() for p in params],
+                grads=[p.grad.detach().clone() if p.grad is not None else None for p in params],
+                state={id(p): _clone_state(optimizer.state[p]) for p in params if p in optimizer.state})
 
     @_guarded
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -785,6 +813,17 @@ class Watch:
     def _optimizer_incident(self, flag: _Flag) -> Incident:
         optimizer = flag.optimizer
         assert optimizer is not None
+        snapshot = self._opt_snapshots.get(id(optimizer))
+        if snapshot is not None and snapshot.step == flag.step and self.replay_enabled:
+            start = time.perf_counter()
+            try:
+                replayed = self._replay_optimizer(optimizer, snapshot)
+            except Exception:  # noqa: BLE001 - fall back to the state analysis below
+                replayed = None
+            if replayed is not None:
+                frame = flag.frame or UserFrame("<unknown>", 0, "<unknown>")
+                return replace(replayed, step=flag.step, file=frame.file, line=frame.line, code=frame.code or None,
+                               function=frame.function, replay_seconds=time.perf_counter() - start)
         names = self._param_names()
         bad = next((p for p in self._params(optimizer) if p.is_floating_point() and
                     not bool(torch.isfinite(p.detach()).all())), None)
@@ -801,6 +840,41 @@ class Watch:
             suggestions=suggestions, operands=[s for s in (grad_stats,) if s is not None], output=stats,
             code=frame.code or None, function=frame.function, optimizer_state=lines,
         )
+
+    def _replay_optimizer(self, optimizer: torch.optim.Optimizer, snapshot: _OptSnapshot) -> Incident | None:
+        """Re-run one optimizer step from its snapshot under op tracing; put everything back after."""
+        params = snapshot.params
+        now_values = [p.detach().clone() for p in params]
+        now_grads = [p.grad for p in params]
+        now_state = {id(p): optimizer.state[p] for p in params if p in optimizer.state}
+        tracer = OpTracer(phase="optimizer")
+        tracer.optimizer = optimizer
+        for root in self._roots.values():
+            tracer.add_root(root)
+        self._replaying = True
+        try:
+            with torch.no_grad():
+                for p, value, grad in zip(params, snapshot.values, snapshot.grads):
+                    p.copy_(value)
+                    p.grad = grad.clone() if grad is not None else None
+            for p in params:
+                if id(p) in snapshot.state:
+                    optimizer.state[p] = _clone_state(snapshot.state[id(p)])
+                elif p in optimizer.state:
+                    del optimizer.state[p]
+            with tracer:
+                optimizer.step()
+            incident = incident_for(tracer, [p.detach() for p in params], step=snapshot.step)
+        finally:
+            self._replaying = False
+            with torch.no_grad():
+                for p, value, grad in zip(params, now_values, now_grads):
+                    p.copy_(value)
+                    p.grad = grad
+            for p in params:
+                if id(p) in now_state:
+                    optimizer.state[p] = now_state[id(p)]
+        return incident
 
     def _replay_incident(self, passes: list[_Pass], phase: str, bad: list[_Flag]) -> Incident:
         start = time.perf_counter()
@@ -1053,6 +1127,7 @@ def watch(
     max_consecutive_skips: int = 32,
     replay: bool = True,
     health_every: int = DEFAULT_HEALTH_EVERY,
+    exact_optimizer: bool = False,
 ) -> Watch:
     """Watch training for the first NaN/Inf; use as ``with floatscope.watch(model, opt): ...``.
 
@@ -1063,4 +1138,5 @@ def watch(
         ...     train()
     """
     return Watch(model, optimizer, scaler=scaler, on_anomaly=on_anomaly, store=store, run_name=run_name,
-                 max_consecutive_skips=max_consecutive_skips, replay=replay, health_every=health_every)
+                 max_consecutive_skips=max_consecutive_skips, replay=replay, health_every=health_every,
+                 exact_optimizer=exact_optimizer)
