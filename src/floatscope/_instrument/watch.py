@@ -829,15 +829,18 @@ class Watch:
                     not bool(torch.isfinite(p.detach()).all())), None)
         frame = flag.frame or UserFrame("<unknown>", 0, "<unknown>")
         stats = operand_stats(bad) if bad is not None else None
-        grad_stats = operand_stats(bad.grad) if bad is not None and bad.grad is not None else None
         lines, explanation, suggestions = optimizer_findings(optimizer, bad) if bad is not None else ([], "", [])
+        # The gradients of the failing step are gone by now (the next step made new ones): no operands,
+        # and a pointer to the mode that keeps them.
+        explanation += (" (The update itself was not replayed; run with --exact-optimizer / "
+                        "watch(..., exact_optimizer=True) to name the op.)")
         kind = "nan" if stats is not None and stats.nan > 0 else "inf"
         return Incident(
             step=flag.step, phase="optimizer", kind=kind, op=f"{type(optimizer).__name__}.step", backward_node=None,
             module=_module_of(names.get(id(bad)) if bad is not None else None),
             param=names.get(id(bad)) if bad is not None else None,
             file=frame.file, line=frame.line, category="optimizer", explanation=explanation,
-            suggestions=suggestions, operands=[s for s in (grad_stats,) if s is not None], output=stats,
+            suggestions=suggestions, operands=[], output=stats,
             code=frame.code or None, function=frame.function, optimizer_state=lines,
         )
 
