@@ -317,3 +317,22 @@ def test_inference_only_watch_finds_the_origin():
     incident = info.value.incident
     assert incident.op == "aten.exp.default" and incident.phase == "forward" and incident.module == ""
     assert (incident.file, incident.line) == line_of("MARK:inference-exp")
+
+
+def test_nan_losses_stay_visible_in_the_store(store_path):
+    import math
+
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with floatscope.watch(model, opt, store=str(store_path), on_anomaly="record") as w:
+        for i in range(3):
+            loss = model(torch.randn(4, 16)).sum() * (float("nan") if i == 1 else 1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    store = RunStore(store_path)
+    steps = store.steps(w.run_id)
+    store.close()
+    assert math.isnan(steps[1].loss) and math.isnan(steps[1].grad_norm)  # not dropped to NULL
+    assert math.isfinite(steps[0].loss)

@@ -7,6 +7,7 @@ so everything committed before a crash or ``kill -9`` of the training process st
 from __future__ import annotations
 
 import json
+import math
 import os
 import sqlite3
 import time
@@ -252,7 +253,7 @@ class RunStore:
         rows = self._db.execute(
             "SELECT step, loss, grad_norm, loss_scale, skipped FROM steps WHERE run_id=? ORDER BY step", (run_id,)
         ).fetchall()
-        return [StepRecord(s, l, g, sc, bool(k)) for s, l, g, sc, k in rows]
+        return [StepRecord(s, _unreal(l), _unreal(g), _unreal(sc), bool(k)) for s, l, g, sc, k in rows]
 
     def events(self, run_id: str) -> Iterator[tuple[int, str, dict[str, Any]]]:
         for step, kind, data in self._db.execute(
@@ -275,6 +276,15 @@ def _json_float(value: float) -> float | str:
     return value
 
 
-def _real(value: float | None) -> float | None:
-    # SQLite stores NaN as NULL; keep Inf as is, and keep NaN visible as NULL with the event log.
-    return None if value is None else float(value)
+def _real(value: float | None) -> float | str | None:
+    """SQLite turns a NaN REAL into NULL; store non-finite values as the text "nan"/"inf"/"-inf"."""
+    if value is None:
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else _json_float(value)
+
+
+def _unreal(value: Any) -> float | None:
+    if isinstance(value, str):
+        return float(value)
+    return value
