@@ -238,6 +238,8 @@ def test_bad_arguments():
         precision.analyze(torch.nn.Linear(2, 2), (torch.randn(1, 2),), dtype="float8")
     with pytest.raises(UsageError, match="mode"):
         precision.analyze(torch.nn.Linear(2, 2), (torch.randn(1, 2),), mode="fast")
+    with pytest.raises(UsageError, match="no module named 'nope'"):
+        precision.analyze(torch.nn.Linear(2, 2), (torch.randn(1, 2),), sequence_dim=0, sequence_modules=["nope"])
 
 
 def test_the_analysis_leaves_the_model_untouched():
@@ -262,9 +264,9 @@ class LSTMRegressor(torch.nn.Module):
 def test_nn_lstm_and_sequence_dim_get_per_step_error_curves():
     torch.manual_seed(0)
     result = precision.analyze(LSTMRegressor(), (torch.randn(3, 40, 4),), dtype="bfloat16", sequence_dim=1,
-                               search=False)
+                               sequence_modules=["head"], search=False)
     by_module = {a.module: a for a in result.accumulations}
-    assert set(by_module) >= {"lstm", ""}
+    assert set(by_module) >= {"lstm", "", "head"} and len(by_module["head"].error) == 40
     assert len(by_module["lstm"].error) == 40 and len(by_module[""].error) == 40
     assert result.accumulation.module == "lstm"  # recurrent modules come first
     assert all(0 < e < 0.1 for e in by_module["lstm"].error)

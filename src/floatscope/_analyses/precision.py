@@ -425,6 +425,7 @@ def analyze(
     mode: Mode = "cast",
     tolerance: float | None = None,
     sequence_dim: int | None = None,
+    sequence_modules: Sequence[str] = (),
     search: bool = True,
     max_candidates: int = 8,
 ) -> PrecisionResult:
@@ -440,6 +441,8 @@ def analyze(
             5e-2 for bfloat16, 1e-5 for float32.
         sequence_dim: Treat the model output as a sequence along this dim and report its error
             per time step (recurrent modules are reported without it).
+        sequence_modules: Also treat these modules' outputs as sequences along ``sequence_dim``
+            (dotted names, as in ``model.named_modules()``).
         search: Run the ranking and policy search (extra forward passes).
         max_candidates: Modules measured individually for the ranking and tried by the search.
 
@@ -499,7 +502,14 @@ def analyze(
         recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates)
     timings["search"] = time.perf_counter() - t
 
-    accumulations = _accumulations(runner, ref_calls, low_calls, ref_out, low_out, sequence_dim)
+    if sequence_modules and sequence_dim is None:
+        raise UsageError("sequence_modules needs sequence_dim: the dim along which their outputs are sequences")
+    known = {name for name, _ in model.named_modules()}
+    unknown = [n for n in sequence_modules if n not in known]
+    if unknown:
+        raise UsageError(f"no module named {', '.join(map(repr, unknown))}; names are dotted paths as in "
+                         f"model.named_modules()")
+    accumulations = _accumulations(runner, ref_calls, low_calls, ref_out, low_out, sequence_dim, sequence_modules)
     timings["total"] = time.perf_counter() - start
     order = {name: i for i, name in enumerate(ranking)}
     flagged = sorted((m.name for m in modules if m.name and (
@@ -697,7 +707,7 @@ def _snippet(kept: list[str], runner: _Runner) -> str:
 
 
 def _accumulations(runner: _Runner, ref_calls: _Calls, low_calls: _Calls, ref_out: Any, low_out: Any,
-                   sequence_dim: int | None) -> list[Accumulation]:
+                   sequence_dim: int | None, sequence_modules: Sequence[str] = ()) -> list[Accumulation]:
     found = []
     lookup = dict(runner.reference.named_modules())
     counts: dict[str, int] = {}
@@ -707,6 +717,12 @@ def _accumulations(runner: _Runner, ref_calls: _Calls, low_calls: _Calls, ref_ou
         series = _series_along(_float_leaves(low_out), _float_leaves(ref_out), sequence_dim)
         if series:
             found.append(_fit("", series))
+        for name in sequence_modules:
+            key = (name, 0)
+            if key in low_calls.outputs and key in ref_calls.outputs:
+                series = _series_along(low_calls.outputs[key][:1], ref_calls.outputs[key][:1], sequence_dim)
+                if series:
+                    found.append(_fit(name, series))
     for path, module in lookup.items():
         if isinstance(module, torch.nn.RNNBase) and counts.get(path) == 1:
             dim = 1 if module.batch_first else 0

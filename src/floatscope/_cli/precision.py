@@ -24,6 +24,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--tolerance", type=float, metavar="X",
                    help="output relative error to meet (default: 1e-2 fp16, 5e-2 bf16, 1e-5 fp32)")
     p.add_argument("--sequence-dim", type=int, metavar="D", help="report the output's error per step along dim D")
+    p.add_argument("--sequence-module", action="append", default=[], metavar="NAME",
+                   help="also report this module's error per step along --sequence-dim (repeatable)")
     p.add_argument("--no-search", action="store_true", help="skip the ranking runs and the policy search")
     p.add_argument("--json", metavar="PATH", help="write the result as JSON")
     p.add_argument("--report", metavar="PATH", help="write a self-contained HTML report with plots")
@@ -38,7 +40,8 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError("--tolerance must be a positive number")
     model, inputs = load_target(args.target)
     result = analyze(model, inputs, dtype=args.dtype, mode=args.mode, tolerance=args.tolerance,
-                     sequence_dim=args.sequence_dim, search=not args.no_search)
+                     sequence_dim=args.sequence_dim, sequence_modules=args.sequence_module,
+                     search=not args.no_search)
     _print(result, console(), args.top)
     if args.json:
         Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
