@@ -91,3 +91,17 @@ def test_an_unreproducible_failure_reports_the_finest_origin_known():
     assert incident is not None and not incident.exact
     assert incident.phase == "forward" and incident.step == 1 and incident.module == ""
     assert "could not be named" in incident.explanation and "stayed finite" in incident.explanation
+
+
+def test_copy_into_a_narrower_dtype_is_checked_like_a_cast():
+    master = torch.tensor([1.0, 1e5])
+
+    def fn():
+        half = torch.empty(2, dtype=torch.float16)
+        half.copy_(master)  # MARK:copy-overflow
+        return half
+
+    incident = floatscope.locate(fn)
+    assert incident.op == "aten.copy_.default" and incident.category == "overflow"
+    assert "casting to float16 overflowed" in incident.explanation
+    assert (incident.file, incident.line) == line_of("MARK:copy-overflow")

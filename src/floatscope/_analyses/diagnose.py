@@ -20,7 +20,7 @@ _DOMAIN = {"sqrt", "log", "log2", "log10", "log1p", "acos", "asin", "acosh", "at
            "digamma", "polygamma", "erfinv"}
 _UNDERFLOW_PRODUCERS = {"exp", "_softmax", "softmax", "sigmoid", "prod", "mul", "pow", "cumprod", "_to_copy", "rsub",
                         "exp2", "mm", "bmm", "addmm", "div"}
-_CASTS = {"_to_copy", "to", "copy_", "_to_dtype"}
+_CASTS = {"_to_copy", "to", "copy_", "copy", "_to_dtype"}
 
 
 def _base(op: str) -> str:

@@ -56,6 +56,12 @@ _NO_CHECK = {
 }
 
 
+def _converting_copy(base: str, args: Any) -> bool:
+    """``dst.copy_(src)`` into a narrower dtype can overflow, like a cast: check it."""
+    return (base == "copy_" and len(args) >= 2 and isinstance(args[0], torch.Tensor)
+            and isinstance(args[1], torch.Tensor) and args[0].dtype != args[1].dtype)
+
+
 def op_base(op_name: str) -> str:
     """``"aten.sqrt.default"`` -> ``"sqrt"``; ``"aten.mul_.Tensor"`` -> ``"mul_"``."""
     parts = op_name.split(".")
@@ -173,7 +179,7 @@ class _Checker(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func)
         base = op_base(name)
-        if base in _NO_CHECK or self.tracer.done:
+        if (base in _NO_CHECK and not _converting_copy(base, args)) or self.tracer.done:
             out = func(*args, **kwargs)
             self.tracer.propagate_views(base, args, out)
             return out
