@@ -160,8 +160,9 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
         return text, fixes
     if category == "overflow":
         if fwd_base in _CASTS:
+            source = max(ops, key=lambda o: o.absmax if not math.isnan(o.absmax) else -1.0) if ops else None
             text = (f"casting to {event.output.dtype} overflowed: values reach "
-                    f"{_fmt(max(abs(ops[0].min), abs(ops[0].max)) if ops else math.nan)}, beyond "
+                    f"{_fmt(source.absmax) if source else 'nan'} ({source.dtype if source else '?'}), beyond "
                     f"{event.output.dtype}'s max {limit:.4g}.")
             return text, ["keep this tensor in float32 (or bfloat16, which has float32's range)",
                           "rescale the values before the cast (normalise inputs, lower the learning rate)"]
