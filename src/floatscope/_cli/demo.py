@@ -73,6 +73,7 @@ def main(args: argparse.Namespace) -> int:
                         incident.param or (incident.module if incident.module is not None else "-"), where,
                         incident.category)
     out.print(summary)
-    out.print(f"{time.perf_counter() - total_start:.1f} s in all; runs recorded in {args.store} "
-              f"('floatscope runs --store {args.store}' lists them)")
+    out.print(f"{time.perf_counter() - total_start:.1f} s in all; runs recorded in {args.store}")
+    out.print("next: 'floatscope runs' lists them, 'floatscope show last' reprints a diagnosis, "
+              "'floatscope report last -o report.html' writes a page, 'floatscope health last' lists findings")
     return 1 if failures else 0

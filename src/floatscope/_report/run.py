@@ -46,7 +46,10 @@ def write_run_report(store: RunStore, run_id: str, path: str | Path) -> Path:
     skipped = [s.step for s in steps if s.skipped]
     if skipped:
         fig.add_scatter(name="skipped step", x=skipped, y=[None] * 0 + [0] * len(skipped), mode="markers")
-    fig.update_layout(xaxis_title="step", yaxis_title="loss", height=380)
+    finite = [s.loss for s in steps if s.loss is not None and math.isfinite(s.loss) and s.loss > 0]
+    wide = bool(finite) and max(finite) / min(finite) > 1e3  # a diverging run: show every decade
+    fig.update_layout(xaxis_title="step", yaxis_title="loss" + (" (log scale)" if wide else ""), height=380,
+                      yaxis_type="log" if wide else "linear")
     page.figure(fig, "loss")
 
     page.heading("Gradient norm per layer")
