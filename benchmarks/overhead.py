@@ -99,6 +99,10 @@ def main() -> None:
     m2, o2 = make()
     watch_nostore = floatscope.watch(m2, o2, store=None)
     configs["watch (store=None)"] = (m2, o2, contextlib.nullcontext)
+    m3, o3 = make()
+    # What `floatscope run` installs: global module/optimizer hooks that see every model (entered per step,
+    # so it watches only its own step of the interleaved round).
+    configs["run mode (global hooks, store=None)"] = (m3, o3, lambda: floatscope.watch(store=None))
     m, o = make()
     configs["detect_anomaly"] = (m, o, lambda: torch.autograd.detect_anomaly(check_nan=True))
     try:
