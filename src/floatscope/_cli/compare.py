@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, fmt_num
+from floatscope._cli.render import console, fmt_num, write_json
 from floatscope._cli.target import load_target
 from floatscope._errors import UsageError
 
@@ -43,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
                                  rtol=args.rtol, perturb=args.perturb)
     _print(result, console())
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, result.to_dict())
     if args.report:
         _report(result, args.report)
         console().print(f"report written to {args.report}")

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console
+from floatscope._cli.render import console, write_json
 from floatscope._cli.target import load_target
 
 __all__ = ["add_parser"]
@@ -40,5 +38,5 @@ def main(args: argparse.Namespace) -> int:
         if s.note:
             out.print(f"  {s.note}")
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, result.to_dict())
     return 0

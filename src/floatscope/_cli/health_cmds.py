@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console
+from floatscope._cli.render import console, write_json
 from floatscope._cli.run import add_store_option
 from floatscope._cli.store_cmds import _open
 from floatscope._errors import UsageError
@@ -76,8 +76,7 @@ def health_main(args: argparse.Namespace) -> int:
     if not findings:
         out.print("[green]no finding: gradients, activations, updates and the loss scale look healthy[/]")
     if args.json:
-        Path(args.json).write_text(json.dumps({"run_id": record.id, "findings": [f.to_dict() for f in findings]},
-                                              indent=2, allow_nan=False) + "\n")
+        write_json(args.json, {"run_id": record.id, "findings": [f.to_dict() for f in findings]})
     return 0
 
 
@@ -115,7 +114,7 @@ def diff_main(args: argparse.Namespace) -> int:
         out.print(f"first divergent step [bold]{result.first_divergent_step}[/]: {result.first_divergent_tensor}")
     out.print(result.explanation)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, result.to_dict())
     return 0
 
 

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, fmt_num
+from floatscope._cli.render import console, fmt_num, write_json
 from floatscope._cli.target import load_target
 from floatscope._errors import UsageError
 
@@ -44,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
                      search=not args.no_search)
     _print(result, console(), args.top)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_dict(), indent=2, allow_nan=False) + "\n")
+        write_json(args.json, result.to_dict())
     if args.report:
         from floatscope._report.precision import write_precision_report
 

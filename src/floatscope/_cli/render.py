@@ -83,3 +83,17 @@ def fmt_num(x: float | None) -> str:
     if x in (float("inf"), float("-inf")):
         return "inf" if x > 0 else "-inf"
     return f"{x:.3g}"
+
+
+def write_json(path: str, data: Any) -> None:
+    """Write strict JSON (non-finite floats already null) for a ``--json PATH`` option."""
+    import json
+    from pathlib import Path
+
+    from floatscope._errors import UsageError
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write JSON to {path}: {exc.strerror or exc}") from None

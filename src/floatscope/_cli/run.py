@@ -10,7 +10,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, print_result
+from floatscope._cli.render import console, print_result, write_json
 from floatscope._errors import NonFiniteError, UsageError
 from floatscope._results import RunResult
 from floatscope._store.sqlite import DEFAULT_STORE
@@ -123,12 +123,6 @@ def _print_script_traceback(exc: BaseException, script: Path) -> None:
     traceback.print_exception(type(exc), exc, walk or tb, file=sys.stderr)
 
 
-def write_json(path: str, result: RunResult) -> None:
-    try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(result.to_json(indent=2) + "\n")
-    except OSError as exc:
-        raise UsageError(f"cannot write JSON to {path}: {exc.strerror or exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -142,5 +136,5 @@ def main(args: argparse.Namespace) -> int:
                               health_every=args.health_every, exact_optimizer=args.exact_optimizer)
     print_result(result, console(stderr=True), store_path=store)
     if args.json:
-        write_json(args.json, result)
+        write_json(args.json, result.to_dict())
     return code

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, print_incident
+from floatscope._cli.render import console, print_incident, write_json
 from floatscope._cli.run import add_store_option
 from floatscope._errors import StoreError
 from floatscope._store.sqlite import RunStore
@@ -80,10 +80,7 @@ def show_main(args: argparse.Namespace) -> int:
     else:
         out.print("  [green]no NaN/Inf incident[/]")
     if args.json:
-        import json
-
-        Path(args.json).write_text(json.dumps(record.result or {"status": record.status, "run_id": record.id},
-                                              indent=2) + "\n")
+        write_json(args.json, record.result or {"status": record.status, "run_id": record.id})
     return 3 if incident is not None else 0
 
 
