@@ -191,14 +191,21 @@ def test_std_by_hand_at_zero_backward():
 
 # --------------------------------------------------------------------------- 6. acos at the boundary
 def test_acos_of_cosine_similarity_at_one():
+    # A collapsed representation: at step 2 every output is the same constant, so the normalised
+    # vectors are exactly (0.5, 0.5, 0.5, 0.5) and the cosine with a detached copy is exactly 1.0 on
+    # any CPU (every intermediate is exact, so no SIMD summation order can round it below 1).
     torch.manual_seed(0)
-    model = torch.nn.Linear(3, 3)
+    model = torch.nn.Linear(4, 4)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def step(i):
-        x = torch.randn(4, 3)
+        if i == 2:
+            with torch.no_grad():
+                model.weight.zero_()
+                model.bias.fill_(3.0)
+        x = torch.randn(4, 4)
         z = F.normalize(model(x), dim=-1)
-        other = z.detach().clone() if i == 2 else F.normalize(torch.randn(4, 3), dim=-1)
+        other = z.detach().clone() if i == 2 else F.normalize(torch.randn(4, 4), dim=-1)
         cos = (z * other).sum(-1).clamp(-1.0, 1.0)
         angle = torch.acos(cos)  # MARK:acos
         loss = angle.mean()
