@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 import floatscope
-from floatscope._instrument.watch import DEFAULT_HEALTH_EVERY
+from floatscope._engines.watch import DEFAULT_HEALTH_EVERY
 
 
 class Transformer(torch.nn.Module):

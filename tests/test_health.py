@@ -13,8 +13,8 @@ import torch.nn.functional as F
 
 import floatscope
 from floatscope import RunStore
-from floatscope._analyses.diff import diff_runs
-from floatscope._analyses.health import KINDS, findings_for
+from floatscope._diagnose.diff import diff_runs
+from floatscope._diagnose.health import KINDS, findings_for
 from conftest import render_in_browser
 
 CLI = [sys.executable, "-m", "floatscope"]

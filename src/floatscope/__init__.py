@@ -15,11 +15,12 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from floatscope._errors import FloatscopeError, NonFiniteError, StoreError, UsageError
-from floatscope._instrument.locate import locate
-from floatscope._instrument.watch import Watch, watch
+from floatscope._engines.locate import locate
+from floatscope._engines.watch import Watch, watch
 from floatscope._numerics.formats import FORMATS, FloatFormat, format_of
 from floatscope._results import Incident, OperandStats, RunResult
-from floatscope._store.env import Environment, SeedRecord, capture_env, seed_everything
+from floatscope._engines.repro import SeedRecord, seed_everything
+from floatscope._store.env import Environment, capture_env
 from floatscope._store.sqlite import RunStore
 
 __all__ = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 __all__ = ["OperandStats", "Incident", "RunResult", "Phase", "Category", "to_json_value"]
@@ -19,9 +19,10 @@ Category = Literal[
     "optimizer",
     "loss-scale-collapse",
     "input",
+    "parameter",
     "unknown",
 ]
-Status = Literal["clean", "nonfinite", "error"]
+Status = Literal["clean", "nonfinite", "error", "unwatched"]
 
 
 def to_json_value(value: Any) -> Any:
@@ -87,11 +88,13 @@ class OperandStats:
 class Incident:
     """Where and why the first non-finite value was born.
 
-    ``step`` counts training iterations completed before the incident (optimizer steps, including
-    ones a GradScaler skipped); 0 is the first iteration. For a backward-phase origin, ``op``,
-    ``file`` and ``line`` name the *forward* op whose gradient produced the value and
-    ``backward_node`` names the autograd node. ``exact`` is False when the failing pass could not
-    be replayed and the origin is known only to module/phase granularity.
+    ``step`` counts training iterations completed before the incident (see the README for the rule
+    with several optimizers, gradient accumulation, closures and loops without an optimizer); 0 is
+    the first iteration. For a backward-phase origin, ``op``, ``file`` and ``line`` name the
+    *forward* op whose gradient produced the value and ``backward_node`` names the autograd node.
+    ``module`` is the dotted path inside the root model ``model`` ("" for the root itself), or
+    None when the op ran outside every watched module. ``exact`` is False when the origin could
+    not be replayed to an op; the explanation then says what was and was not replayed.
     """
 
     step: int
@@ -114,6 +117,7 @@ class Incident:
     consequence: str | None = None
     exact: bool = True
     replay_seconds: float | None = None
+    model: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the ``incident`` field (non-finite floats become null)."""
@@ -133,7 +137,8 @@ class Incident:
             fixed = {k: (math.nan if v is None and k in _FLOAT_FIELDS else v) for k, v in d.items()}
             return OperandStats(**fixed)
 
-        values = dict(data)
+        known = {f.name for f in fields(Incident)}
+        values = {k: v for k, v in data.items() if k in known}  # fields of other versions are dropped
         values["operands"] = [stats(o) for o in data.get("operands", [])]
         values["output"] = stats(data.get("output"))
         return Incident(**values)
@@ -151,14 +156,15 @@ class Incident:
         lines = [head]
         where = []
         if self.module is not None:
-            where.append(f"module '{self.module}'" if self.module else "module <root>")
+            root = f" of {self.model}" if self.model else ""
+            where.append(f"module '{self.module}'{root}" if self.module else f"module <root>{root}")
         if self.param:
             where.append(f"parameter '{self.param}'")
         where.append(f"at {self.location}")
         lines.append("  " + ", ".join(where))
         if self.code:
             lines.append(f"    {self.code.strip()}")
-        lines.append(f"  category: {self.category}{'' if self.exact else ' (replay did not reproduce; origin is approximate)'}")
+        lines.append(f"  category: {self.category}{'' if self.exact else ' (not replayed to an op; see why)'}")
         for i, op in enumerate(self.operands):
             lines.append(f"  input {i}: {op.describe()}")
         if self.output is not None:
@@ -191,6 +197,7 @@ class RunResult:
     incident: Incident | None
     loss_scale: float | None = None
     error: str | None = None
+    watched: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = to_json_value(asdict(self))

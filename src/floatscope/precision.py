@@ -7,7 +7,7 @@ Example:
     []
 """
 
-from floatscope._analyses.precision import (
+from floatscope._engines.precision import (
     DEFAULT_TOLERANCE,
     Accumulation,
     ModuleError,

@@ -31,7 +31,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from floatscope._analyses.compare import compare_onnxruntime, require_onnx
+    from floatscope._engines.compare import compare_onnxruntime, require_onnx
 
     require_onnx()  # before loading the target: say what to install first
     if args.perturb < 0:

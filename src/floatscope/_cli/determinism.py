@@ -21,7 +21,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from floatscope._analyses.determinism import check_determinism
+    from floatscope._engines.determinism import check_determinism
 
     model, inputs = load_target(args.target)
     result = check_determinism(model, inputs, backward=args.backward)

@@ -55,7 +55,7 @@ def _store_and_run(spec: str, default_store: str) -> tuple[RunStore, str]:
 
 
 def health_main(args: argparse.Namespace) -> int:
-    from floatscope._analyses.health import findings_for
+    from floatscope._diagnose.health import findings_for
 
     store, run = _store_and_run(args.run, args.store)
     try:
@@ -81,7 +81,7 @@ def health_main(args: argparse.Namespace) -> int:
 
 
 def diff_main(args: argparse.Namespace) -> int:
-    from floatscope._analyses.diff import diff_runs
+    from floatscope._diagnose.diff import diff_runs
 
     if not args.tolerance >= 0:
         raise UsageError("--tolerance must be a non-negative number")

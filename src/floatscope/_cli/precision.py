@@ -32,7 +32,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from floatscope._analyses.precision import analyze
+    from floatscope._engines.precision import analyze
 
     if args.tolerance is not None and not (args.tolerance > 0):
         raise UsageError("--tolerance must be a positive number")

@@ -60,7 +60,7 @@ def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | 
     The script's ``sys.argv``, ``sys.path[0]`` and working directory are what ``python SCRIPT ARGS``
     would give it; all are restored afterwards.
     """
-    from floatscope._instrument.watch import DEFAULT_HEALTH_EVERY, Watch
+    from floatscope._engines.watch import DEFAULT_HEALTH_EVERY, Watch
 
     path = Path(script)
     if not path.is_file():

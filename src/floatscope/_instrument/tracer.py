@@ -12,8 +12,10 @@ Two PyTorch modes work together while tracing:
 Each non-finite tensor carries a lineage: the event whose values it holds. When the failure is
 found (the loss, a gradient, a parameter), the reported origin is the root of its lineage, so a
 forward Inf that ``tanh`` absorbed and that resurfaces as NaN in backward is blamed on the forward
-overflow. Infinities that code writes on purpose (``masked_fill(-inf)``, ``full(inf)``, values at
-``finfo.max``) are never origins; a NaN they later cause (a fully masked softmax row) is.
+overflow. Non-finite values that code writes on purpose (``masked_fill(-inf)``, ``full(inf)``,
+``full(nan)``, values at ``finfo.max``) are never origins; a NaN they later cause (a fully masked
+softmax row) is. Operands that held non-finite values nobody traced (a model input, a constant) are
+recorded as external, so the diagnosis can tell broken data from a broken op.
 
 Tracing runs Python per op and syncs per op: it is the slow, exact path, used by
 :func:`floatscope.locate` and by the watch's replay of a failing step.
@@ -21,118 +23,45 @@ Tracing runs Python per op and syncs per op: it is the slow, exact path, used by
 
 from __future__ import annotations
 
+import contextlib
 import math
-import re
 import sys
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from floatscope._instrument.frames import UserFrame, frame_from
+from floatscope._events import ForwardTag, OriginEvent, UserFrame, node_base, node_matches, op_base
+from floatscope._instrument import ops
+from floatscope._instrument.frames import frame_from
+from floatscope._instrument.hooks import HookSet
+from floatscope._instrument.modules import ModuleTracker
 from floatscope._numerics.stats import operand_stats
-from floatscope._results import OperandStats
 
-__all__ = ["OpTracer", "OriginEvent", "ForwardTag"]
+__all__ = ["OpTracer", "OriginEvent", "ForwardTag", "storage_key"]
 
 _TAG_KEY = "floatscope"
-_EXTERNAL = -1  # lineage of non-finite values nobody computed: constants, masks, inputs
+_EXTERNAL = -1  # lineage of non-finite values nobody traced: tensors made before the trace began
+_INTENDED = -2  # lineage _INTENDED - k: non-finite values written on purpose by intended event k
 _MAX_EVENTS = 64
 _MAX_TAG_WALK = 32
-
-# Ops that only move or alias data: they cannot create a non-finite value.
-# Ops that select or rearrange values: their outputs' producer is their input's producer.
-_MOVES = {"index", "gather", "index_select", "take_along_dim", "masked_select", "cat", "stack", "narrow",
-          "select_scatter", "slice_scatter", "flatten", "movedim", "take", "_unsafe_index"}
-
-_NO_CHECK = {
-    "detach", "alias", "view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape",
-    "squeeze", "unsqueeze", "slice", "select", "as_strided", "split", "split_with_sizes", "unbind",
-    "chunk", "clone", "contiguous", "copy_", "_reshape_alias", "lift_fresh", "empty_like",
-    "empty", "new_empty", "empty_strided", "new_empty_strided", "set_", "_local_scalar_dense",
-}
+_NO_CHECK = ops.VIEW | ops.COPY | ops.ALLOC
 
 
-def _converting_copy(base: str, args: Any) -> bool:
-    """``dst.copy_(src)`` into a narrower dtype can overflow, like a cast: check it."""
-    return (base == "copy_" and len(args) >= 2 and isinstance(args[0], torch.Tensor)
-            and isinstance(args[1], torch.Tensor) and args[0].dtype != args[1].dtype)
+# Ops that replace their target's values (so its old values are not inputs). ``copy_`` is always
+# checked: into a narrower dtype it can overflow like a cast, and it carries its source's lineage.
+_OVERWRITES = {"copy_", "fill_", "zero_"}
 
 
-def op_base(op_name: str) -> str:
-    """``"aten.sqrt.default"`` -> ``"sqrt"``; ``"aten.mul_.Tensor"`` -> ``"mul_"``."""
-    parts = op_name.split(".")
-    return parts[1] if len(parts) >= 2 else op_name
-
-
-def _node_base(node_name: str) -> str:
-    """``"NativeLayerNormBackward0"`` -> ``"native_layer_norm"``."""
-    name = node_name.split("::")[-1]
-    name = re.sub(r"Backward\d*$", "", name)
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
-
-
-def _matches(node_base: str, aten_base: str) -> bool:
-    a = aten_base.strip("_")
-    return bool(node_base) and (a == node_base or a.startswith(node_base) or node_base.startswith(a))
-
-
-def _key(t: torch.Tensor) -> tuple[Any, ...]:
+def storage_key(t: torch.Tensor) -> tuple[Any, ...]:
+    """Identity of a tensor's values: storage, offset, shape, strides and dtype."""
     try:
         ptr = t.untyped_storage().data_ptr()
     except (RuntimeError, NotImplementedError):
         ptr = id(t)
     return (t.device, ptr, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
-
-
-@dataclass
-class ForwardTag:
-    """The top-level torch call that created some autograd nodes (or ran some aten ops)."""
-
-    function: str
-    frame: UserFrame
-    module: str | None
-    aten_ops: list[str] = field(default_factory=list)
-
-    def forward_op_for(self, node_name: str) -> str:
-        base = _node_base(node_name)
-        for op in self.aten_ops:
-            if _matches(base, op_base(op)):
-                return op
-        return self.aten_ops[-1] if self.aten_ops else self.function
-
-
-@dataclass
-class OriginEvent:
-    """One op that produced NaN or Inf from inputs without it."""
-
-    index: int
-    op: str                        # aten overload that ran; for backward, the aten op of the gradient
-    phase: str
-    kind: str                      # "nan" | "inf"
-    module: str | None
-    frame: UserFrame
-    backward_node: str | None
-    forward_tag: ForwardTag | None
-    operands: list[OperandStats]
-    output: OperandStats
-    parent: int | None             # event whose non-finite values this op consumed
-    external_inf_inputs: bool      # inputs held intentional infinities (masks)
-    scalars: list[float]
-    producers: list[str | None]    # the op that produced each operand, when traced
-    function: str | None
-    input_keys: list[tuple[Any, ...]] = field(default_factory=list)
-    output_key: tuple[Any, ...] | None = None
-
-    @property
-    def forward_op(self) -> str:
-        """For a backward event, the forward aten op whose gradient this is."""
-        if self.backward_node and self.forward_tag is not None:
-            return self.forward_tag.forward_op_for(self.backward_node)
-        return self.op
 
 
 class _Tagger(TorchFunctionMode):
@@ -146,7 +75,7 @@ class _Tagger(TorchFunctionMode):
         if func in _UNTRACKED_FUNCS:
             return func(*args, **kwargs)
         frame = tr.frame_override or tr.frame_at(sys._getframe(1))
-        tag = ForwardTag(_func_name(func), frame, tr.current_module())
+        tag = ForwardTag(_func_name(func), frame, tr.current_module(), model=tr.current_model())
         previous, tr.current_tag = tr.current_tag, tag
         try:
             out = func(*args, **kwargs)
@@ -179,9 +108,9 @@ class _Checker(TorchDispatchMode):
         kwargs = kwargs or {}
         name = str(func)
         base = op_base(name)
-        if (base in _NO_CHECK and not _converting_copy(base, args)) or self.tracer.done:
+        if (ops.is_(base, _NO_CHECK) and base != "copy_") or self.tracer.done:
             out = func(*args, **kwargs)
-            self.tracer.propagate_views(base, args, out)
+            self.tracer.propagate_views(args, out)
             return out
         return self.tracer.check(func, name, base, args, kwargs)
 
@@ -191,7 +120,11 @@ class OpTracer:
 
     Args:
         module_paths: ``{id(module): dotted path}`` used to name the module an op runs in.
-        phase: Phase of ops that run outside backward ("forward" or "optimizer").
+        phase: Phase of ops that run outside backward (``"forward"`` or ``"optimizer"``).
+        boundary: Code objects of a replay driver: a frame walk that reaches one reports
+            ``fallback_frame`` (the user's line that made the replayed call).
+        fallback_frame: See ``boundary``.
+        optimizer: The optimizer whose step is traced, for optimizer-phase diagnoses.
 
     Example:
         >>> with OpTracer() as tracer:
@@ -200,78 +133,86 @@ class OpTracer:
         'aten.log.default'
     """
 
-    def __init__(self, *, module_paths: dict[int, str] | None = None, phase: str = "forward") -> None:
-        self.module_paths = module_paths or {}
+    def __init__(self, *, module_paths: dict[int, str] | None = None, phase: str = "forward",
+                 boundary: "set[Any] | frozenset[Any]" = frozenset(), fallback_frame: UserFrame | None = None,
+                 optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.modules = ModuleTracker()
+        if module_paths:
+            self.modules.paths.update(module_paths)
         self.phase = phase
+        self.boundary = frozenset(boundary)
+        self.fallback_frame = fallback_frame
+        self.optimizer = optimizer
         self.events: list[OriginEvent] = []
+        self.intended: list[OriginEvent] = []  # writes of NaN/Inf on purpose (masks, placeholders)
         self.lineage: dict[tuple[Any, ...], int] = {}
+        self.by_storage: dict[tuple[Any, ...], int] = {}  # (device, storage) -> lineage of its last non-finite write
         self.producer: dict[tuple[Any, ...], str] = {}
-        self.module_stack: list[str] = []
-        self.roots: list[torch.nn.Module] = []
+        self.zero_fed: dict[tuple[Any, ...], bool] = {}  # produced by an op that read an exact zero
         self.tag_events: dict[int, int] = {}
-        self.boundary: set[Any] = set()
-        self.fallback_frame: UserFrame | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
         self.current_tag: ForwardTag | None = None
         self.frame_override: UserFrame | None = None
         self.done = False
-        self._handles: list[Any] = []
-        self._modes: list[Any] = []
+        self.root_labels: dict[int, str] = {}  # id(root model) -> how incidents name it
+        self._hooks = HookSet()
+
+    @property
+    def roots(self) -> list[torch.nn.Module]:
+        return self.modules.roots
 
     # ----------------------------------------------------------------- context management
     def __enter__(self) -> "OpTracer":
-        pre = torch.nn.modules.module.register_module_forward_pre_hook(self._enter_module)
-        post = torch.nn.modules.module.register_module_forward_hook(self._exit_module, always_call=True)
-        self._handles = [pre, post]
-        tagger, checker = _Tagger(self), _Checker(self)
-        tagger.__enter__()
         try:
-            checker.__enter__()
+            self._hooks.enter(self.modules)
+            self._hooks.enter(_Tagger(self))
+            self._hooks.enter(_Checker(self))
         except BaseException:
-            tagger.__exit__(None, None, None)
+            self._hooks.close()
             raise
-        self._modes = [tagger, checker]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        tagger, checker = self._modes
-        try:
-            checker.__exit__(None, None, None)
-        finally:
-            tagger.__exit__(None, None, None)
-            for h in self._handles:
-                h.remove()
-            self._handles, self._modes = [], []
+        self._hooks.close()
 
-    def _enter_module(self, module: torch.nn.Module, args: Any) -> None:
-        if not self.module_stack and id(module) not in self.module_paths:
-            self.add_root(module)
-        self.module_stack.append(self.module_paths.get(id(module), type(module).__name__))
+    @contextlib.contextmanager
+    def calling(self, *, frame: UserFrame | None = None, fallback: UserFrame | None = None,
+                phase: str | None = None) -> Iterator[None]:
+        """Attribute the ops run inside to ``frame`` (a replayed top-level call's line), or to
+        ``fallback`` when a frame walk reaches the replay driver, in ``phase``."""
+        saved = self.frame_override, self.fallback_frame, self.phase
+        if frame is not None:
+            self.frame_override = frame
+        if fallback is not None:
+            self.fallback_frame = fallback
+        if phase is not None:
+            self.phase = phase
+        try:
+            yield
+        finally:
+            self.frame_override, self.fallback_frame, self.phase = saved
 
     def add_root(self, module: torch.nn.Module) -> None:
         """Name ``module``'s submodules and parameters by their dotted paths from it."""
-        self.roots.append(module)
-        for name, sub in module.named_modules(remove_duplicate=False):
-            self.module_paths.setdefault(id(sub), name)
+        self.modules.add_root(module)
 
     def param_name(self, key: tuple[Any, ...]) -> str | None:
         """The dotted name of the parameter stored at ``key`` in a known root, if any."""
-        for root in self.roots:
+        for root in self.modules.roots:
             for name, p in root.named_parameters(remove_duplicate=False):
-                if _key(p.detach()) == key:
+                if storage_key(p.detach()) == key:
                     return name
         return None
-
-    def _exit_module(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        if self.module_stack:
-            self.module_stack.pop()
 
     def frame_at(self, frame: Any) -> UserFrame:
         """The user frame for an op called from ``frame``, bounded by the replay driver."""
         return frame_from(frame, boundary=self.boundary, fallback=self.fallback_frame)
 
     def current_module(self) -> str | None:
-        return self.module_stack[-1] if self.module_stack else None
+        return self.modules.current_path()
+
+    def current_model(self) -> str | None:
+        outer = self.modules.outer
+        return self.root_labels.get(id(outer)) if outer is not None else None
 
     # ----------------------------------------------------------------- autograd node tags
     def tag_nodes(self, out: Any, tag: ForwardTag) -> None:
@@ -288,79 +229,128 @@ class OpTracer:
                 continue
             if _TAG_KEY in metadata:
                 continue
-            node_base = _node_base(node.name())
-            if not any(_matches(node_base, b) for b in bases):
+            base = node_base(node.name())
+            if not any(node_matches(base, b) for b in bases):
                 continue
             metadata[_TAG_KEY] = tag
             stack.extend(fn for fn, _ in node.next_functions if fn is not None)
 
     # ----------------------------------------------------------------- checks
-    def propagate_views(self, base: str, args: Any, out: Any) -> None:
+    def propagate_views(self, args: Any, out: Any) -> None:
         """Views and copies carry their source's lineage and producer without a numeric check."""
         src = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)), None)
         if src is None:
             return
-        src_key = _key(src)
+        src_key = storage_key(src)
         lin = self.lineage.get(src_key)
         producer = self.producer.get(src_key)
+        zero_fed = self.zero_fed.get(src_key)
         if lin is None and producer is None:
             return
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
+                key = storage_key(t)
                 if lin is not None:
-                    self.lineage[_key(t)] = lin
+                    self.lineage[key] = lin
                 if producer is not None:
-                    self.producer[_key(t)] = producer
+                    self.producer[key] = producer
+                if zero_fed is not None:
+                    self.zero_fed[key] = zero_fed
 
     def check(self, func: Any, name: str, base: str, args: Any, kwargs: dict[str, Any]) -> Any:
         leaves = pytree.tree_leaves((args, kwargs))
         inputs = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() > 0]
+        mutates = func._schema.is_mutable
+        targets = inputs[:1] if mutates else []
+        if base in _OVERWRITES and inputs and args and inputs[0] is args[0]:
+            inputs = inputs[1:]  # copy_/fill_ replace the target's values: its old ones do not matter
         scalars = [float(v) for v in leaves if isinstance(v, float)]
         in_flags = _nonfinite_flags(inputs)
-        mutates = func._schema.is_mutable
+        # A one-element tensor nobody traced that holds NaN/Inf is a literal (x[i] = nan, torch.tensor(inf)).
+        literal = [k for k, (t, (n, i)) in enumerate(zip(inputs, in_flags)) if (n or i) and t.numel() == 1
+                   and self._lineage_of(storage_key(t)) == _EXTERNAL]
+        if literal:
+            scalars += [float(inputs[k].detach().reshape(())) for k in literal]
+            inputs = [t for k, t in enumerate(inputs) if k not in literal]
+            in_flags = [f for k, f in enumerate(in_flags) if k not in literal]
         before = [t.clone() for t in inputs] if mutates and inputs else inputs
-        producers = [self.producer.get(_key(t)) for t in inputs]
+        keys = [storage_key(t) for t in inputs]
+        producers = [self.producer.get(k) for k in keys]
+        producer_zero = [self.zero_fed.get(k, False) for k in keys]
         tag = self.current_tag
         if tag is not None:
             tag.aten_ops.append(name)
         out = func(*args, **kwargs)
         outputs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if mutates:
-            outputs += [t for t in inputs if not any(t is o for o in outputs)]
+            outputs += [t for t in (*targets, *inputs) if not any(t is o for o in outputs)]
+        if not outputs:
+            return out
         out_flags = _nonfinite_flags(outputs)
-        produced = producers[0] if base in _MOVES and producers and producers[0] else name
+        produced = producers[0] if ops.is_(base, ops.MOVE) and producers and producers[0] else name
+        exact_zero = _zeros_are_exact(base, leaves, before, outputs[0]) if outputs and base.rstrip("_") in _PRODUCTS \
+            else False
         for t in outputs:
-            self.producer[_key(t)] = produced
+            key = storage_key(t)
+            self.producer[key] = produced
+            self.zero_fed[key] = exact_zero
         if not any(n or i for n, i in out_flags):
             for t in outputs:
-                self.lineage.pop(_key(t), None)
+                self.lineage.pop(storage_key(t), None)
             return out
         in_nan = any(n for n, _ in in_flags)
         in_inf = any(i for _, i in in_flags)
         out_nan = any(n for n, _ in out_flags)
         out_inf = any(i for _, i in out_flags)
-        parents = [self.lineage.get(_key(t), _EXTERNAL) for t, (n, i) in zip(inputs, in_flags) if n or i]
-        known = [p for p in parents if p != _EXTERNAL]
-        parent = min(known) if known else (_EXTERNAL if parents else None)
-        new_nan = out_nan and not in_nan
-        new_inf = out_inf and not in_inf and not any(math.isinf(s) for s in scalars) and not _at_limit(before)
+        bad_inputs = [(k, self._lineage_of(k)) for k, (n, i) in zip(keys, in_flags) if n or i]
+        known = [p for _, p in bad_inputs if p >= 0]
+        meant = [p for _, p in bad_inputs if p <= _INTENDED]
+        parent = min(known) if known else (max(meant) if meant else (_EXTERNAL if bad_inputs else None))
+        # Values written on purpose: a NaN or Inf scalar argument (full(nan), masked_fill(-inf)), or
+        # arithmetic on values already at the format's limit (finfo.min masks).
+        intended_nan = any(math.isnan(s) for s in scalars)
+        would_nan = out_nan and not in_nan
+        would_inf = out_inf and not in_inf
+        new_nan = would_nan and not intended_nan
+        new_inf = would_inf and not any(math.isinf(s) for s in scalars) and not intended_nan and not _at_limit(before)
+        outside = [k for k, p in bad_inputs if p < 0]
         if (new_nan or new_inf) and len(self.events) < _MAX_EVENTS:
             event = self._event(name, "nan" if new_nan else "inf", before, inputs, outputs, out_flags,
-                                parent if parent != _EXTERNAL else None, parent == _EXTERNAL, scalars, producers)
+                                parent if parent is not None and parent >= 0 else None, bool(outside) and not known,
+                                scalars, producers)
+            event.external_inputs = outside
+            event.producer_zero_inputs = producer_zero
+            self.events.append(event)
+            if event.backward_node is None and self.current_tag is not None:
+                self.tag_events.setdefault(id(self.current_tag), event.index)
             lineage = event.index
+        elif (would_nan or would_inf) and not known and len(self.intended) < _MAX_EVENTS:
+            event = self._event(name, "nan" if would_nan else "inf", before, inputs, outputs, out_flags, None,
+                                bool(outside), scalars, producers)
+            event.index = len(self.intended)
+            self.intended.append(event)
+            lineage = _INTENDED - event.index
         else:
             lineage = parent if parent is not None else _EXTERNAL
         for t, (n, i) in zip(outputs, out_flags):
+            key = storage_key(t)
             if n or i:
-                self.lineage[_key(t)] = lineage
+                self.lineage[key] = lineage
+                self.by_storage[key[:2]] = lineage
             else:
-                self.lineage.pop(_key(t), None)
+                self.lineage.pop(key, None)
         return out
 
+    def _lineage_of(self, key: tuple[Any, ...]) -> int:
+        """The lineage of a non-finite tensor: its own, or that of a write into its storage through a view."""
+        found = self.lineage.get(key)
+        if found is None:
+            found = self.by_storage.get(key[:2], _EXTERNAL)
+        return found
+
     def _event(self, name: str, kind: str, inputs: list[torch.Tensor], originals: list[torch.Tensor],
-               outputs: list[torch.Tensor],
-               out_flags: list[tuple[bool, bool]], parent: int | None, external: bool,
-               scalars: list[float], producers: list[str | None]) -> OriginEvent:
+               outputs: list[torch.Tensor], out_flags: list[tuple[bool, bool]], parent: int | None,
+               external: bool, scalars: list[float], producers: list[str | None]) -> OriginEvent:
         node = torch._C._current_autograd_node()
         tag = self.current_tag
         backward_node = None
@@ -370,6 +360,7 @@ class OpTracer:
             forward_tag = node.metadata.get(_TAG_KEY) if hasattr(node, "metadata") else None
             # Ops inside a custom autograd.Function.backward are user code: blame that line.
             here = frame_from(sys._getframe(2), engine_boundary=True)
+            model = forward_tag.model if forward_tag else None
             if here.file != "<unknown>":
                 frame, module, function = here, (forward_tag.module if forward_tag else None), None
             elif forward_tag is not None:
@@ -380,28 +371,21 @@ class OpTracer:
         else:
             phase = self.phase
             if tag is not None:
-                frame, module, function = tag.frame, tag.module, tag.function
+                frame, module, function, model = tag.frame, tag.module, tag.function, tag.model
             else:
                 frame = self.frame_override or self.frame_at(sys._getframe(2))
-                module, function = self.current_module(), None
+                module, function, model = self.current_module(), None, self.current_model()
         if forward_tag is not None and parent is None and id(forward_tag) in self.tag_events:
             # The gradient of an op that already produced Inf/NaN in forward: the forward op is the origin.
             parent = self.tag_events[id(forward_tag)]
-        if node is None and tag is not None:
-            self.tag_events.setdefault(id(tag), len(self.events))
         bad = next((t for t, (n, i) in zip(outputs, out_flags) if n or i), outputs[0])
-        return self._append(OriginEvent(
-            index=len(self.events), op=name, phase=phase, kind=kind, module=module, frame=frame,
-            backward_node=backward_node, forward_tag=forward_tag,
+        return OriginEvent(
+            index=len(self.events), op=name, phase=phase, kind=kind, module=module,  # type: ignore[arg-type]
+            frame=frame, backward_node=backward_node, forward_tag=forward_tag,
             operands=[operand_stats(t) for t in inputs], output=operand_stats(bad), parent=parent,
-            external_inf_inputs=external, scalars=scalars,
-            producers=producers, function=function,
-            input_keys=[_key(t) for t in originals], output_key=_key(bad),
-        ))
-
-    def _append(self, event: OriginEvent) -> OriginEvent:
-        self.events.append(event)
-        return event
+            external_inf_inputs=external, scalars=scalars, producers=producers, function=function,
+            input_keys=[storage_key(t) for t in originals], output_key=storage_key(bad), model=model,
+        )
 
     # ----------------------------------------------------------------- results
     def root(self, event: OriginEvent) -> OriginEvent:
@@ -421,14 +405,35 @@ class OpTracer:
         candidates = []
         for t in sinks or []:
             if isinstance(t, torch.Tensor) and t.is_floating_point():
-                lin = self.lineage.get(_key(t))
-                if lin is not None and lin != _EXTERNAL:
+                lin = self.lineage.get(storage_key(t))
+                if lin is not None and lin >= 0:
                     candidates.append(self.events[lin])
         if not candidates:
             first = self.events[0]
             return self.root(first), first
         last = min(candidates, key=lambda e: self.root(e).index)
         return self.root(last), last
+
+    def explain(self, sink: torch.Tensor) -> tuple[str, OriginEvent | None, OriginEvent | None]:
+        """Where a sink's non-finite values come from.
+
+        Returns one of ``("origin", root, last)`` (an op made them), ``("intended", event, None)``
+        (written on purpose, e.g. a mask fill, and carried here), ``("external", None, None)``
+        (they were already in a tensor the trace did not make) or ``("finite", None, None)``.
+        """
+        if not isinstance(sink, torch.Tensor):
+            return "finite", None, None
+        key = storage_key(sink)
+        lin = self.lineage.get(key)
+        if lin is None:
+            if bool(torch.isfinite(sink).all()):
+                return "finite", None, None
+            lin = self.by_storage.get(key[:2], _EXTERNAL)
+        if lin >= 0:
+            return "origin", self.root(self.events[lin]), self.events[lin]
+        if lin <= _INTENDED:
+            return "intended", self.intended[_INTENDED - lin], None
+        return "external", None, None
 
 
 def _nonfinite_flags(tensors: list[torch.Tensor]) -> list[tuple[bool, bool]]:
@@ -441,6 +446,39 @@ def _nonfinite_flags(tensors: list[torch.Tensor]) -> list[tuple[bool, bool]]:
         checks.append(torch.isinf(t).any())
     values = torch.stack([c.to(tensors[0].device) for c in checks]).tolist()
     return [(bool(values[2 * k]), bool(values[2 * k + 1])) for k in range(len(tensors))]
+
+
+# Products whose zeros may be exact (a factor was 0) rather than underflowed.
+_PRODUCTS = {"mul", "div", "prod", "cumprod"}
+
+
+def _zeros_are_exact(base: str, leaves: list[Any], inputs: list[torch.Tensor], out: torch.Tensor) -> bool:
+    """True when every exact zero of a product's output comes from a zero factor, not from underflow.
+
+    ``x * 0`` and ``0 / y`` are exact zeros (a later ``log`` of them is a log of zero); a product of
+    non-zero factors that rounds to 0 is an underflow.
+    """
+    stem = base.rstrip("_")
+    if stem in {"mul", "div"} and any(isinstance(v, (int, float)) and not isinstance(v, bool) and v == 0
+                                      for v in leaves[1:2]):
+        return stem == "mul"
+    zero_out = out == 0
+    if not bool(zero_out.any()):
+        return False
+    if stem == "mul" and inputs:
+        try:
+            explained = torch.zeros_like(zero_out)
+            for t in inputs:
+                explained = explained | (t == 0)
+            return not bool((zero_out & ~explained).any())
+        except RuntimeError:  # shapes that do not broadcast elementwise
+            return False
+    if stem == "div" and inputs:
+        try:
+            return not bool((zero_out & ~(inputs[0] == 0)).any())
+        except RuntimeError:
+            return False
+    return bool(inputs) and bool((inputs[0] == 0).any())
 
 
 def _at_limit(tensors: list[torch.Tensor]) -> bool:

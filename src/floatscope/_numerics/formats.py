@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FloatFormat", "FORMATS", "format_of", "headroom_bits"]
+__all__ = ["FloatFormat", "FORMATS", "format_of", "headroom_bits", "dtype_name"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,19 @@ class FloatFormat:
         """Decimal digits of precision, ``(mantissa_bits + 1) * log10(2)``."""
         return (self.mantissa_bits + 1) * math.log10(2.0)
 
+    @property
+    def log_range(self) -> float:
+        """``exp(-x)`` rounds to exactly 0 for ``x`` beyond this: ``-ln(smallest_subnormal / 2)``.
+
+        It is the largest logit gap a softmax survives without a probability becoming 0.
+        """
+        return -math.log(self.smallest_subnormal / 2)
+
+    @property
+    def exp_overflow(self) -> float:
+        """``exp(x)`` overflows to Inf for ``x`` beyond this: ``ln(max)``."""
+        return math.log(self.max)
+
 
 def _from_finfo(name: str, dtype: torch.dtype, exponent_bits: int, mantissa_bits: int) -> FloatFormat:
     info = torch.finfo(dtype)
@@ -88,23 +101,30 @@ FORMATS: dict[str, FloatFormat] = _build_formats()
 _BY_DTYPE = {f.dtype: f for f in FORMATS.values() if f.dtype is not None}
 
 
-def format_of(dtype: torch.dtype) -> FloatFormat:
-    """Return the :class:`FloatFormat` of a torch floating dtype.
+def format_of(dtype: torch.dtype | str) -> FloatFormat:
+    """Return the :class:`FloatFormat` of a torch floating dtype (or its name, ``"float16"``).
 
     Raises:
-        ValueError: ``dtype`` is not a floating-point dtype floatscope knows.
+        UsageError: ``dtype`` is not a floating-point format floatscope knows (a ``ValueError``).
 
     Example:
         >>> format_of(torch.bfloat16).mantissa_bits
         7
     """
-    try:
-        return _BY_DTYPE[dtype]
-    except KeyError:
-        raise ValueError(
+    found = FORMATS.get(dtype.removeprefix("torch.")) if isinstance(dtype, str) else _BY_DTYPE.get(dtype)
+    if found is None:
+        from floatscope._errors import UsageError
+
+        raise UsageError(
             f"{dtype} is not a floating-point format floatscope knows; "
             f"expected one of {', '.join(str(d) for d in _BY_DTYPE)}"
-        ) from None
+        )
+    return found
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float16`` -> ``"float16"``."""
+    return str(dtype).removeprefix("torch.")
 
 
 def headroom_bits(absmax: float, dtype: torch.dtype) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from floatscope._analyses.precision import PrecisionResult
+from floatscope._engines.precision import PrecisionResult
 from floatscope._report.page import Page, finite_or_none, plotly
 
 __all__ = ["write_precision_report"]

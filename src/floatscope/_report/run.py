@@ -6,8 +6,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from floatscope._analyses.diff import RunDiff, _as_float
-from floatscope._analyses.health import findings_for
+from floatscope._diagnose.diff import RunDiff, _as_float
+from floatscope._diagnose.health import findings_for
 from floatscope._report.page import Page, finite_or_none, plotly
 from floatscope._store.sqlite import RunStore
 

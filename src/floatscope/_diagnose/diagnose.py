@@ -4,27 +4,20 @@ from __future__ import annotations
 
 import math
 
-from floatscope._instrument.tracer import OriginEvent, op_base
+from floatscope._events import OriginEvent, op_stem
+from floatscope._instrument import ops as kinds
+from floatscope._numerics.formats import format_of
 from floatscope._results import Category, Incident, OperandStats
 
 __all__ = ["incident_from_event", "categorize"]
 
-_EXP_LIKE = {"exp", "exp2", "expm1", "sinh", "cosh", "softplus"}
-_MATMUL = {"mm", "bmm", "addmm", "matmul", "linear", "baddbmm", "addbmm", "_scaled_dot_product_flash_attention",
-           "_scaled_dot_product_efficient_attention", "_scaled_dot_product_attention_math", "dot", "mv", "einsum",
-           "convolution", "_convolution", "conv2d", "conv1d"}
-_REDUCTIONS = {"sum", "mean", "cumsum", "prod", "cumprod", "var", "std", "norm", "linalg_vector_norm"}
-_DIVISION = {"div", "div_", "reciprocal", "rsqrt", "true_divide", "floor_divide", "remainder", "fmod"}
-_LOG = {"log", "log2", "log10", "log_", "log1p", "xlogy", "special_xlogy"}
-_DOMAIN = {"sqrt", "log", "log2", "log10", "log1p", "acos", "asin", "acosh", "atanh", "pow", "rsqrt", "lgamma",
-           "digamma", "polygamma", "erfinv"}
-_UNDERFLOW_PRODUCERS = {"exp", "_softmax", "softmax", "sigmoid", "prod", "mul", "pow", "cumprod", "_to_copy", "rsub",
-                        "exp2", "mm", "bmm", "addmm", "div"}
-_CASTS = {"_to_copy", "to", "copy_", "copy", "_to_dtype"}
-
 
 def _base(op: str) -> str:
-    return op_base(op).rstrip("_") if op_base(op) != "_" else op_base(op)
+    return op_stem(op)
+
+
+def _is(op: str, kind: kinds.OpKind) -> bool:
+    return kinds.is_(op, kind)
 
 
 def _zeros(op: OperandStats) -> bool:
@@ -44,21 +37,21 @@ def categorize(event: OriginEvent) -> Category:
     base = _base(event.op)
     operands = event.operands
     if event.kind == "nan":
-        if base in _DOMAIN and operands and operands[0].min < 0 and base not in {"pow"}:
+        if _is(base, kinds.DOMAIN) and operands and operands[0].min < 0 and base not in {"pow"}:
             return "invalid"
         if base in {"acos", "asin", "atanh"}:
             return "invalid"
-        if base in _LOG and operands and _zeros(operands[0]) and _came_from_underflow(event, 0):
+        if _is(base, kinds.LOG) and operands and _zeros(operands[0]) and _came_from_underflow(event, 0):
             return "underflow"
         return "invalid"
     # Inf born from finite inputs.
-    if base in _DIVISION:
+    if _is(base, kinds.DIVISION):
         if len(operands) >= 2 and _zeros(operands[1]):
             return "underflow" if _came_from_underflow(event, 1) and event.phase != "backward" else "division-by-zero"
         if base in {"reciprocal", "rsqrt"} and operands and _zeros(operands[0]):
             return "division-by-zero"
         return "overflow"
-    if base in _LOG:
+    if _is(base, kinds.LOG):
         if operands and _zeros(operands[0]) and _came_from_underflow(event, 0):
             return "underflow"
         return "division-by-zero"
@@ -66,8 +59,10 @@ def categorize(event: OriginEvent) -> Category:
 
 
 def _came_from_underflow(event: OriginEvent, index: int) -> bool:
+    """The operand's zeros were made by rounding non-zero values (not by an exact zero factor)."""
     producer = event.producers[index] if index < len(event.producers) else None
-    return producer is not None and _base(producer) in _UNDERFLOW_PRODUCERS
+    exact = index < len(event.producer_zero_inputs) and event.producer_zero_inputs[index]
+    return producer is not None and _is(producer, kinds.UNDERFLOW_PRODUCER) and not exact
 
 
 def _fmt(x: float) -> str:
@@ -110,7 +105,7 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             "feed logits to torch.nn.BCEWithLogitsLoss / F.binary_cross_entropy_with_logits instead of "
             "sigmoid + BCE",
         ]
-    if fwd_base in _LOG and not backward:
+    if _is(fwd_base, kinds.LOG) and not backward:
         if producer in {"_softmax", "softmax"}:
             text = (f"log of a softmax: {ops[0].zeros} probabilities underflowed to exactly 0 in {dtype} "
                     f"(logit gaps beyond ~{_log_range(dtype):.0f}), and log(0) = -inf.")
@@ -141,10 +136,10 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             fixes = ["add a floor: torch.log(x.clamp_min(1e-12)) or torch.log(x + eps)",
                      "if x is a probability from softmax/sigmoid, use log_softmax / logsigmoid instead"]
         return text, fixes
-    if fwd_base == "log1p" or (fwd_base in _LOG and producer in {"exp"}):
+    if fwd_base == "log1p" or (_is(fwd_base, kinds.LOG) and producer in {"exp"}):
         return ("log(1 + exp(x)) overflows: exp(x) is Inf for large x, so the result is Inf."), [
             "use torch.nn.functional.softplus(x) (or torch.logaddexp(0, x)), which is exact for large x"]
-    if fwd_base in _EXP_LIKE and category == "overflow":
+    if _is(fwd_base, kinds.EXP_LIKE) and category == "overflow":
         threshold = math.log(limit) if limit > 0 else float("nan")
         text = (f"{fwd_base} overflowed {dtype}: inputs reach {_fmt(ops[0].max if ops else math.nan)}, and "
                 f"exp(x) exceeds {dtype}'s max {limit:.4g} for x > {threshold:.2f}.")
@@ -159,14 +154,14 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                      "(e.g. logvar.clamp(-30, 20)) before exp")
         return text, fixes
     if category == "overflow":
-        if fwd_base in _CASTS:
+        if _is(fwd_base, kinds.CAST):
             source = max(ops, key=lambda o: o.absmax if not math.isnan(o.absmax) else -1.0) if ops else None
             text = (f"casting to {event.output.dtype} overflowed: values reach "
                     f"{_fmt(source.absmax) if source else 'nan'} ({source.dtype if source else '?'}), beyond "
                     f"{event.output.dtype}'s max {limit:.4g}.")
             return text, ["keep this tensor in float32 (or bfloat16, which has float32's range)",
                           "rescale the values before the cast (normalise inputs, lower the learning rate)"]
-        if fwd_base in _MATMUL or fwd_base in _REDUCTIONS or fwd_base in {"mul", "add", "sub", "pow"}:
+        if _is(fwd_base, kinds.MATMUL | kinds.REDUCTION) or fwd_base in {"mul", "add", "sub", "pow"}:
             ranges = ", ".join(f"|x| <= {_fmt(o.absmax)}" for o in ops[:2])
             text = (f"{fwd_base} overflowed {event.output.dtype}: operands are finite ({ranges}) but the result "
                     f"exceeds max {limit:.4g}.")
@@ -176,12 +171,12 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                              "(torch.autocast(..., enabled=False) around it)")
             fixes += ["find why activations or weights grew this large: lower the learning rate, clip gradients "
                       "(torch.nn.utils.clip_grad_norm_), add normalisation"]
-            if fwd_base in _REDUCTIONS:
+            if _is(fwd_base, kinds.REDUCTION):
                 fixes.append("accumulate in float32: x.sum(dtype=torch.float32)")
             return text, fixes
         return (f"{fwd_base} produced Inf from finite inputs in {event.output.dtype} (max {limit:.4g})."), [
             "compute in a wider format or rescale the inputs"]
-    if category in {"division-by-zero", "underflow"} and fwd_base in _DIVISION:
+    if category in {"division-by-zero", "underflow"} and _is(fwd_base, kinds.DIVISION):
         denom = ops[1] if len(ops) > 1 else (ops[0] if ops else None)
         zeros = denom.zeros if denom else 0
         if category == "underflow":
@@ -205,7 +200,7 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                           "padded rows"]
         return "softmax produced NaN from finite logits.", ["check the logits' range"]
     if category == "invalid":
-        if fwd_base in _DIVISION:
+        if _is(fwd_base, kinds.DIVISION):
             both = [o.zeros for o in ops[:2]]
             text = f"0/0: numerator and denominator are both 0 (zeros: {both})."
             if event.external_inf_inputs or any(o.inf for o in ops):
@@ -229,7 +224,11 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
 
 
 def _log_range(dtype: str) -> float:
-    return {"float16": 17.3, "bfloat16": 92.0, "float32": 103.9, "float64": 745.0}.get(dtype, 100.0)
+    """Logit gap beyond which exp underflows to 0 in ``dtype``: ln(max / smallest subnormal) / 2-ish."""
+    try:
+        return format_of(dtype).log_range
+    except ValueError:
+        return 100.0
 
 
 def incident_from_event(root: OriginEvent, last: OriginEvent | None, *, step: int, module_prefix: str | None = None,
@@ -264,4 +263,5 @@ def incident_from_event(root: OriginEvent, last: OriginEvent | None, *, step: in
         consequence=consequence,
         exact=exact,
         replay_seconds=replay_seconds,
+        model=root.model if root.module is not None else None,
     )

@@ -44,7 +44,10 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from floatscope._errors import UsageError
-from floatscope._instrument.tracer import _NO_CHECK, _key, op_base
+from floatscope._events import op_base
+from floatscope._instrument import ops
+from floatscope._instrument.modules import ModuleTracker
+from floatscope._instrument.tracer import storage_key as _key
 from floatscope._numerics.errors import bits_correct, compare, relative_error, subnormal_fraction
 from floatscope._numerics.formats import format_of
 from floatscope._results import to_json_value
@@ -55,10 +58,6 @@ __all__ = ["analyze", "keep_in_fp32", "PrecisionResult", "ModuleError", "OpError
 Mode = Literal["cast", "autocast"]
 
 DEFAULT_TOLERANCE = {torch.float16: 1e-2, torch.bfloat16: 5e-2, torch.float32: 1e-5}
-_CASTS = {"_to_copy", "to", "copy_", "_copy_from", "_copy_from_and_resize", "clone", "lift_fresh_copy",
-          "detach_", "zero_", "fill_", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
-          "new_ones", "new_full", "scalar_tensor", "arange", "zeros", "ones", "full"}
-
 
 @dataclass(frozen=True)
 class ModuleError:
@@ -154,50 +153,34 @@ class PrecisionResult:
 
 # ============================================================================ recording
 class _Calls:
-    """Module calls (path, call index) -> inputs and outputs, recorded with forward hooks."""
+    """Module calls (path, call index) -> inputs and outputs, recorded through the module tracker."""
 
     def __init__(self, model: torch.nn.Module, keep_inputs: bool) -> None:
-        self.paths = {id(m): n for n, m in model.named_modules()}
         self.model = model
         self.keep_inputs = keep_inputs
-        self.count: dict[str, int] = {}
+        self.tracker = ModuleTracker(model, on_enter=self._pre, on_exit=self._post)
         self.inputs: dict[tuple[str, int], tuple[tuple[Any, ...], dict[str, Any]]] = {}
         self.outputs: dict[tuple[str, int], list[torch.Tensor]] = {}
         self.input_leaves: dict[tuple[str, int], list[torch.Tensor]] = {}
-        self.stack: list[tuple[str, int]] = []
-        self.handles: list[Any] = []
 
     @contextlib.contextmanager
     def recording(self) -> Iterator[None]:
-        for module in self.model.modules():
-            self.handles.append(module.register_forward_pre_hook(self._pre, with_kwargs=True))
-            self.handles.append(module.register_forward_hook(self._post, always_call=True))
-        try:
+        with self.tracker:
             yield
-        finally:
-            for h in self.handles:
-                h.remove()
-            self.handles = []
 
-    def _pre(self, module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        path = self.paths.get(id(module), type(module).__name__)
-        idx = self.count.get(path, 0)
-        self.count[path] = idx + 1
-        key = (path, idx)
-        self.stack.append(key)
-        leaves = _float_leaves((args, kwargs))
+    def _pre(self, key: tuple[str, int], module: torch.nn.Module, args: tuple[Any, ...],
+             kwargs: dict[str, Any]) -> None:
         # No copies: recorded tensors are the ones the forward made; both runs see the same in-place updates.
-        self.input_leaves[key] = [t.detach() for t in leaves]
+        self.input_leaves[key] = [t.detach() for t in _float_leaves((args, kwargs))]
         if self.keep_inputs:
             self.inputs[key] = pytree.tree_map(_detach, (args, kwargs))
 
-    def _post(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        key = self.stack.pop() if self.stack else None
-        if key is not None:
+    def _post(self, key: tuple[str, int], module: torch.nn.Module, args: Any, output: Any) -> None:
+        if key[1] >= 0:
             self.outputs[key] = [t.detach() for t in _float_leaves(output)]
 
     def current(self) -> tuple[str, int]:
-        return self.stack[-1] if self.stack else ("", -1)
+        return self.tracker.current()
 
 
 def _detach(x: Any) -> Any:
@@ -228,7 +211,7 @@ class _OpRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         base = op_base(str(func))
-        if base in _NO_CHECK or base in _CASTS:
+        if ops.is_(base, ops.NOT_COMPUTE):
             # Views and casts pass on the identity of what they read: amplification looks through them.
             src = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor)), None)
             made = self.producer.get(_key(src)) if src is not None else None

@@ -6,12 +6,14 @@ import time
 from typing import Any, Callable
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 import torch.utils._pytree as pytree
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from floatscope._analyses.diagnose import incident_from_event
-from floatscope._analyses.optimizer import with_optimizer_context
-from floatscope._instrument.tracer import OpTracer, OriginEvent
+from floatscope._diagnose.diagnose import incident_from_event
+from floatscope._diagnose.optimizer import with_optimizer_context
+from floatscope._events import OriginEvent
+from floatscope._instrument.hooks import HookSet
+from floatscope._instrument.tracer import OpTracer
 from floatscope._results import Incident
 
 __all__ = ["locate", "trace_call", "incident_for"]
@@ -26,14 +28,11 @@ def trace_call(tracer: OpTracer, fn: Callable[..., Any], *args: Any, **kwargs: A
     def leave_step(optimizer: torch.optim.Optimizer, a: Any, k: Any) -> None:
         tracer.phase = "forward"
 
-    pre = register_optimizer_step_pre_hook(enter_step)
-    post = register_optimizer_step_post_hook(leave_step)
-    try:
-        with tracer:
-            return fn(*args, **kwargs)
-    finally:
-        pre.remove()
-        post.remove()
+    with HookSet() as hooks:
+        hooks.add(register_optimizer_step_pre_hook(enter_step))
+        hooks.add(register_optimizer_step_post_hook(leave_step))
+        hooks.enter(tracer)
+        return fn(*args, **kwargs)
 
 
 def incident_for(tracer: OpTracer, sinks: list[torch.Tensor], *, step: int, exact: bool = True,
@@ -51,14 +50,11 @@ def incident_for(tracer: OpTracer, sinks: list[torch.Tensor], *, step: int, exac
 
 def _optimizer_incident(tracer: OpTracer, event: OriginEvent, incident: Incident) -> Incident:
     keys = ([event.output_key] if event.output_key else []) + event.input_keys
-    name = None
-    param = None
     for key in keys:
         name = tracer.param_name(key)
         if name is not None:
-            param = _param_at(tracer, name)
-            break
-    return with_optimizer_context(incident, tracer.optimizer, param, name)
+            return with_optimizer_context(incident, tracer.optimizer, _param_at(tracer, name), name)
+    return with_optimizer_context(incident, tracer.optimizer, None, None)
 
 
 def _param_at(tracer: OpTracer, name: str) -> torch.Tensor | None:

@@ -31,6 +31,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from floatscope._errors import FloatscopeError, UsageError
+from floatscope._instrument.modules import ModuleTracker
 from floatscope._numerics.errors import ulp
 from floatscope._numerics.formats import format_of
 from floatscope._results import to_json_value
@@ -280,15 +281,14 @@ def compare_onnxruntime(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *
         onnx_model, exporter = _export(model, inputs)
         timings["export"] = time.perf_counter() - start
 
-        names = {id(m): n for n, m in model.named_modules()}
         order: list[str] = []
         outputs: dict[str, torch.Tensor] = {}
         identity: set[str] = set()
 
-        def hook(module: torch.nn.Module, args: Any, out: Any) -> None:
-            name = names.get(id(module))
+        def hook(key: tuple[str, int], module: torch.nn.Module, args: Any, out: Any) -> None:
+            name = key[0]
             leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-            if name is None or not name or not leaves or name in outputs:
+            if not name or not leaves or name in outputs:
                 return
             outputs[name] = leaves[0].detach().clone()
             order.append(name)
@@ -296,15 +296,10 @@ def compare_onnxruntime(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *
             if ins and ins[0].shape == leaves[0].shape and torch.equal(ins[0], leaves[0]):
                 identity.add(name)
 
-        handles = [m.register_forward_hook(hook) for m in model.modules()]
-        try:
-            with torch.no_grad():
-                start = time.perf_counter()
-                reference = model(*inputs)
-                timings["pytorch_forward"] = time.perf_counter() - start
-        finally:
-            for h in handles:
-                h.remove()
+        with ModuleTracker(model, on_exit=hook), torch.no_grad():
+            start = time.perf_counter()
+            reference = model(*inputs)
+            timings["pytorch_forward"] = time.perf_counter() - start
     finally:
         model.train(was_training)
 

@@ -25,31 +25,19 @@ import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from floatscope._errors import UsageError
+from floatscope._events import op_base
+from floatscope._instrument import ops
+from floatscope._instrument.modules import ModuleTracker
 from floatscope._numerics.errors import ulp
 from floatscope._numerics.formats import format_of
 from floatscope._results import to_json_value
-from floatscope._store.env import seed_everything
+from floatscope._engines.repro import seed_everything
 
 __all__ = ["DeterminismResult", "SettingResult", "check_determinism", "NONDETERMINISTIC_OPS"]
 
 # Ops that torch.use_deterministic_algorithms(True) makes deterministic or rejects (its documentation
-# lists them; most only on CUDA).
-NONDETERMINISTIC_OPS = {
-    "index_add", "index_add_", "index_put", "index_put_", "scatter_add", "scatter_add_", "scatter", "scatter_",
-    "scatter_reduce", "scatter_reduce_", "index_copy", "index_copy_", "put", "put_", "embedding_bag",
-    "embedding_dense_backward", "_embedding_bag_backward", "ctc_loss", "_ctc_loss_backward", "nll_loss2d_forward",
-    "nll_loss2d_backward", "histc", "bincount", "kthvalue", "median", "cumsum", "upsample_bilinear2d_backward",
-    "upsample_linear1d_backward", "upsample_bicubic2d_backward", "upsample_trilinear3d_backward",
-    "adaptive_avg_pool2d_backward", "adaptive_avg_pool3d_backward", "adaptive_max_pool2d_backward",
-    "max_pool3d_with_indices_backward", "avg_pool3d_backward", "replication_pad1d_backward",
-    "replication_pad2d_backward", "replication_pad3d_backward", "reflection_pad1d_backward",
-    "reflection_pad2d_backward", "reflection_pad3d_backward", "grid_sampler_2d_backward",
-    "grid_sampler_3d_backward", "fractional_max_pool2d_backward", "fractional_max_pool3d_backward",
-    "_unsafe_index_put",
-}
-_SKIP = {"detach", "alias", "view", "_unsafe_view", "t", "transpose", "permute", "expand", "reshape", "clone",
-         "contiguous", "select", "slice", "unsqueeze", "squeeze", "copy_", "empty", "empty_like", "zeros_like",
-         "ones_like", "_to_copy", "lift_fresh"}
+# lists them; most only on CUDA): the op taxonomy's NONDETERMINISTIC kind.
+NONDETERMINISTIC_OPS = frozenset(name for name, kind in ops._TABLE.items() if kind & ops.NONDETERMINISTIC)
 
 
 @dataclass(frozen=True)
@@ -85,8 +73,7 @@ class _Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         name = str(func)
-        base = name.split(".")[1] if "." in name else name
-        if base in _SKIP:
+        if ops.is_(name, ops.NOT_COMPUTE):
             return out
         leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
         if leaves:
@@ -97,29 +84,19 @@ class _Recorder(TorchDispatchMode):
 
 def _run(model: torch.nn.Module, inputs: tuple[Any, ...], backward: bool, threads: int | None = None,
          perm: torch.Tensor | None = None) -> list[tuple[str, str | None, str, torch.Tensor]]:
-    names = {id(m): n for n, m in model.named_modules()}
-    stack: list[str] = []
-    def enter(module: torch.nn.Module, args: Any) -> None:
-        stack.append(names.get(id(module), ""))
-
-    def leave(module: torch.nn.Module, args: Any, output: Any) -> None:
-        if stack:
-            stack.pop()
-
-    pre = [m.register_forward_pre_hook(enter) for m in model.modules()]
-    post = [m.register_forward_hook(leave) for m in model.modules()]
+    tracker = ModuleTracker(model)
     saved_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     rng = torch.get_rng_state()
     torch.manual_seed(0)
-    recorder = _Recorder(lambda: stack[-1] if stack else None)
+    recorder = _Recorder(tracker.current_path)
     try:
         if perm is not None:
             inputs = tuple(x[perm] if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)
         inputs = tuple(x.detach().clone().requires_grad_(backward) if isinstance(x, torch.Tensor) and
                        x.is_floating_point() else x for x in inputs)
-        with recorder, torch.set_grad_enabled(backward):
+        with tracker, recorder, torch.set_grad_enabled(backward):
             out = model(*inputs)
             if backward:
                 leaves = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
@@ -129,8 +106,6 @@ def _run(model: torch.nn.Module, inputs: tuple[Any, ...], backward: bool, thread
     finally:
         torch.set_rng_state(rng)
         torch.set_num_threads(saved_threads)
-        for h in pre + post:
-            h.remove()
     return recorder.ops
 
 
@@ -209,7 +184,7 @@ def check_determinism(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *,
             results.append(SettingResult(label, True, n, None, None, None, None, 0.0, 0.0, None, None))
             continue
         op, module, phase, _ = a[index]
-        base = op.split(".")[1] if "." in op else op
+        base = op_base(op)
         with _deterministic_flags():
             a2 = _run(model, inputs, backward, **first_kwargs)
             b2 = _run(model, inputs, backward, **second_kwargs)
@@ -221,5 +196,5 @@ def check_determinism(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *,
         if label == "repeat":
             note = "the same run, repeated, differs: something in it is non-deterministic"
         results.append(SettingResult(label, False, n, op, index, module, phase, max_ulp, max_abs,
-                                     base.rstrip("_") in {o.rstrip("_") for o in NONDETERMINISTIC_OPS}, fixed, note))
+                                     ops.is_(base, ops.NONDETERMINISTIC), fixed, note))
     return DeterminismResult(results)

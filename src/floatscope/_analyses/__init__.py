@@ -1,1 +1,0 @@
-"""Analyses: one module per phenomenon."""

@@ -1,0 +1,1 @@
+"""Interpretation: origin events, run records and optimizer state turned into diagnoses and findings."""

@@ -1,0 +1,851 @@
+"""``floatscope.watch``: watch training cheaply; replay a failing step exactly.
+
+The watch is a façade over parts with one job each:
+
+* :class:`~floatscope._instrument.capture.StepCapture` records what each step computes: root model
+  calls, torch calls outside modules (loss code, raw-tensor models), ``backward()`` and
+  ``torch.autograd.grad``, optimizer steps and in-place parameter updates, and the values the
+  script reads;
+* :class:`~floatscope._instrument.scaler.ScalerProbe` follows GradScalers (skipped steps, the scale);
+* :class:`~floatscope._instrument.channel.StepChannel` is the one transfer per step: the L2 norm of
+  every value to check and the numbers to record, in one read (late by a step on a GPU);
+* :class:`~floatscope._engines.recorder.RunRecorder` is the only writer of the run store;
+* :class:`~floatscope._instrument.replay.Replayer` re-executes a failing window op by op;
+* :mod:`floatscope._diagnose.triage` and :mod:`floatscope._diagnose.diagnose` turn what was found into
+  the diagnosis.
+
+No Python runs per op of a model on the cheap path; a few microseconds run per torch call made
+outside modules. When a value is non-finite, its window (the events since the parameters last
+changed) is replayed under op-level tracing and the op that produced the first NaN/Inf is named.
+"""
+
+from __future__ import annotations
+
+import math
+import shlex
+import sys
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import torch
+
+from floatscope._diagnose import triage
+from floatscope._diagnose.diagnose import incident_from_event
+from floatscope._diagnose.optimizer import optimizer_findings, with_optimizer_context
+from floatscope._errors import NonFiniteError, UsageError
+from floatscope._events import UNKNOWN_FRAME, UserFrame
+from floatscope._engines.recorder import RunRecorder
+from floatscope._instrument.capture import Backward, Call, CaptureListener, Pass, StepCapture, Update, Window
+from floatscope._instrument.channel import Payload, Reading, StepChannel, Subject, SyncPolicy
+from floatscope._instrument.frames import frame_from, name_in_frame, user_frame_object, user_stacklevel
+from floatscope._instrument.health import HealthSampler
+from floatscope._instrument.hooks import HookSet
+from floatscope._instrument.modules import float_leaves
+from floatscope._instrument.replay import OptimizerSnapshot, Replayer, snapshot_optimizer
+from floatscope._instrument.scaler import ScalerProbe
+from floatscope._numerics.stats import operand_stats
+from floatscope._results import Incident, RunResult
+from floatscope._store.sqlite import DEFAULT_STORE, RunStore
+
+__all__ = ["Watch", "watch", "DEFAULT_HEALTH_EVERY"]
+
+OnAnomaly = Literal["raise", "warn", "record"]
+
+# Health sampled every this many steps: chosen so the watch stays within budget on
+# benchmarks/overhead.py (see the README's figures).
+DEFAULT_HEALTH_EVERY = 50
+_RECENT_NORMS = 16
+
+
+def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
+    """Hooks never break the user's training: an internal error disables the watch with a warning."""
+
+    def hook(self: "Watch", *args: Any, **kwargs: Any) -> Any:
+        if self._broken:
+            return None
+        try:
+            return method(self, *args, **kwargs)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported, never swallowed silently
+            self._broken = True
+            warnings.warn(f"floatscope stopped watching after an internal error in {method.__name__}: "
+                          f"{type(exc).__name__}: {exc}. Training continues unwatched; please report this.",
+                          RuntimeWarning, stacklevel=2)
+            return None
+
+    hook.__name__ = method.__name__
+    return hook
+
+
+class Watch(CaptureListener):
+    """Watch a model's training for the first NaN/Inf; a context manager.
+
+    Args:
+        model: The model (or models) to watch. ``None`` watches every module called at top level
+            (what ``floatscope run`` does). Torch calls made outside the models (the loss, raw
+            tensors) are watched either way.
+        optimizer: The optimizer (or optimizers). ``None`` watches every ``torch.optim`` optimizer.
+        scaler: A ``torch.amp.GradScaler``. ``None`` watches every GradScaler when ``model`` is None.
+        on_anomaly: ``"raise"`` raises :class:`NonFiniteError` where the failure is found;
+            ``"warn"`` warns and continues; ``"record"`` only records.
+        store: Run store path, a :class:`RunStore`, or None for no store.
+        run_name: Name recorded with the run.
+        command: Command line recorded with the run.
+        max_consecutive_skips: GradScaler skips in a row that count as a loss-scale collapse.
+        replay: Replay a failing step under op-level tracing to name the op (default True).
+        health_every: Sample per-layer health every this many steps (0 turns it off).
+        exact_optimizer: Keep a copy of parameters, gradients and optimizer state before every
+            step, so an optimizer-made NaN/Inf is replayed op by op (the aten op is named). Costs
+            a copy of the optimizer's memory per step; off by default.
+        sync: When to read the device: ``"auto"`` (at each step on the CPU, one step late on a
+            GPU so it never waits), ``"step"`` (at each step; exact replays on a GPU too) or
+            ``"lazy"`` (always one step late).
+
+    Attributes:
+        incident: The first :class:`Incident`, or None.
+        result: The :class:`RunResult`, set on exit.
+        run_id: The run's id in the store ("" without one).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> with floatscope.watch(model, opt, store=None) as w:
+        ...     for _ in range(3):
+        ...         opt.zero_grad()
+        ...         model(torch.randn(8, 4)).pow(2).mean().backward()
+        ...         opt.step()
+        >>> w.result.status
+        'clean'
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
+        *,
+        scaler: Any = None,
+        on_anomaly: OnAnomaly = "raise",
+        store: str | Path | RunStore | None = DEFAULT_STORE,
+        run_name: str | None = None,
+        command: str | None = None,
+        max_consecutive_skips: int = 32,
+        replay: bool = True,
+        health_every: int = DEFAULT_HEALTH_EVERY,
+        exact_optimizer: bool = False,
+        sync: SyncPolicy = "auto",
+    ) -> None:
+        if on_anomaly not in ("raise", "warn", "record"):
+            raise UsageError(f"on_anomaly must be 'raise', 'warn' or 'record', not {on_anomaly!r}")
+        if sync not in ("auto", "step", "lazy"):
+            raise UsageError(f"sync must be 'auto', 'step' or 'lazy', not {sync!r}")
+        self._models = _as_list(model, torch.nn.Module, "model", "torch.nn.Module")
+        self._optimizers = _as_list(optimizer, torch.optim.Optimizer, "optimizer", "torch.optim.Optimizer")
+        if max_consecutive_skips < 1:
+            raise UsageError("max_consecutive_skips must be at least 1")
+        if health_every < 0:
+            raise UsageError("health_every must be 0 (off) or a positive number of steps")
+        self._scaler = scaler
+        self._on_anomaly = on_anomaly
+        self._store_arg = store
+        self._run_name = run_name
+        self._command = command if command is not None else " ".join(shlex.quote(a) for a in sys.argv)
+        self._max_skips = max_consecutive_skips
+        self._replay = replay
+        self._health_every = health_every
+        self._exact_optimizer = exact_optimizer
+        self._sync = sync
+        self.incident: Incident | None = None
+        self.result: RunResult | None = None
+        self.run_id = ""
+        self._active = False
+        self._broken = False
+
+    # ================================================================== lifecycle
+    def __enter__(self) -> "Watch":
+        if self._active:
+            raise UsageError("this watch is already active; create a new floatscope.watch(...) for each block")
+        self._store, self._owns_store = self._open_store()
+        config = {"on_anomaly": self._on_anomaly, "global": not self._models,
+                  "max_consecutive_skips": self._max_skips, "health_every": self._health_every}
+        try:
+            self._recorder = RunRecorder(self._store, name=self._run_name, command=self._command, config=config)
+        except BaseException:
+            self._close_store()
+            raise
+        self.run_id = self._recorder.run_id
+        self._channel = StepChannel(self._sync)
+        self._health = HealthSampler(self._health_every if self._store is not None else 0)
+        self._capture = StepCapture(self, self._models, self._optimizers)
+        self._replayer = Replayer(self._capture)
+        self._probe = ScalerProbe(self._capture, self._scaler, all_scalers=not self._models,
+                                  on_update=self._scaler_updated)
+        self._hooks = HookSet()
+        self._windows: dict[int, Window] = {}
+        self._snapshots: dict[int, OptimizerSnapshot] = {}
+        self._labels: dict[int, str] = {}
+        self._optimizer_names: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._configured: set[int] = set()
+        self._recent_norms: list[float] = []
+        self._scales: list[float] = []
+        self._intentional: set[tuple[str, int]] = set()
+        self._read_at: UserFrame | None = None
+        self._skipped_window: tuple[Window, list[Subject]] | None = None
+        self._seen_optimizers: dict[int, torch.optim.Optimizer] = {}
+        self._step_frame: dict[int, UserFrame] = {}
+        self._health_params: tuple[int, list[str], list[torch.Tensor]] | None = None
+        self._sampling_window = -1
+        self._losses: dict[int, list[float]] = {}
+        self._nonfinite_steps = 0
+        try:
+            self._capture.install()
+            self._probe.install(self._hooks)
+        except BaseException:
+            self._capture.remove()
+            self._hooks.close()
+            self._close_store()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        pending_error: NonFiniteError | None = None
+        try:
+            if exc_type is None or not issubclass(exc_type, NonFiniteError):
+                try:
+                    with self._capture.own():
+                        self._final_read()
+                except NonFiniteError as err:
+                    pending_error = err
+        finally:
+            try:
+                self._capture.remove()
+            finally:
+                self._hooks.close()
+                self._health.detach()
+                self._active = False
+            self.result = self._result(exc_type, exc)
+            try:
+                self._recorder.finish(status=self.result.status, steps=self.result.steps,
+                                      skipped=self.result.skipped_steps, result=self.result.to_dict())
+            finally:
+                self._close_store()
+                self._windows.clear()
+                self._snapshots.clear()
+        if pending_error is not None and exc_type is None:
+            raise pending_error
+
+    def _open_store(self) -> tuple[RunStore | None, bool]:
+        store = self._store_arg
+        if store is None:
+            return None, False
+        if isinstance(store, RunStore):
+            return store, False
+        return RunStore(store), True
+
+    def _close_store(self) -> None:
+        if self._owns_store and self._store is not None:
+            self._store.close()
+        self._store = None
+
+    def _result(self, exc_type: Any, exc: Any) -> RunResult:
+        coverage = self._capture.coverage
+        steps = self._capture.clock.completed
+        if self.incident is not None:
+            status = "nonfinite"
+        elif exc_type is not None and not issubclass(exc_type, (NonFiniteError, SystemExit, KeyboardInterrupt)):
+            status = "error"
+        elif exc_type is SystemExit and exc is not None and exc.code not in (0, None):
+            status = "error"
+        elif not coverage.anything:
+            status = "unwatched"
+        else:
+            status = "clean"
+        error = f"{type(exc).__name__}: {exc}" if status == "error" and exc is not None else None
+        watched = {"models": coverage.modules, "model_calls": coverage.passes, "calls": coverage.calls,
+                   "backward": coverage.backward, "grad_calls": coverage.grad_calls,
+                   "optimizer_steps": coverage.optimizer_steps, "manual_updates": coverage.manual_updates,
+                   "reads": coverage.reads}
+        return RunResult(status=status, run_id=self.run_id, steps=steps, skipped_steps=self._probe.skipped,
+                         incident=self.incident, loss_scale=self._scales[-1] if self._scales else None,
+                         error=error, watched=watched)
+
+    # ================================================================== capture events
+    @_guarded
+    def pass_begun(self, p: Pass, first: bool) -> None:
+        capture, channel = self._capture, self._channel
+        if first:
+            label = _root_label(p.module, p.call_site)
+            self._labels[id(p.module)] = label
+            init = self._recorder.model(p.module)
+            if init is not None:
+                channel.record(init)
+            self._recorder.precision(p.module, self._scaler or self._probe.last_scaler)
+        payload = self._recorder.inputs((p.args, p.kwargs))
+        if payload is not None:
+            channel.record(payload)
+        window = capture.window
+        if (self._health.every and self._sampling_window != window.index and not p.index
+                and self._health.is_sampling(window.iteration)):
+            self._sampling_window = window.index
+            self._health.attach([p.module])
+
+    @_guarded
+    def pass_ended(self, p: Pass) -> None:
+        if self._health.attached:
+            rows = self._health.take_activations()
+            if rows:
+                values = torch.stack([v.to(rows[0][3].device) for *_, v in rows])
+                self._channel.record(Payload("activations", values, (self._capture.window.iteration,
+                                                                     [(n, d, t) for n, d, t, _ in rows])))
+
+    @_guarded
+    def leaves_added(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
+        window = self._capture.window
+        for name, t in leaves:
+            if t.is_floating_point():
+                self._channel.check(Subject("initial", t, name=name, order=-1, window=window.index,
+                                            step=window.iteration))
+
+    @_guarded
+    def before_update(self, reason: str, optimizer: torch.optim.Optimizer | None) -> None:
+        """The parameters are about to change: read everything the window computed, now."""
+        window = self._capture.window
+        self._queue_window(window)
+        step = window.iteration
+        if optimizer is not None:
+            self._seen_optimizers[id(optimizer)] = optimizer
+            if reason == "step":
+                self._step_frame[id(optimizer)] = frame_from(sys._getframe(1))
+            if id(optimizer) not in self._configured:
+                self._configured.add(id(optimizer))
+                self._recorder.optimizer(optimizer, self._probe.last_scaler or self._scaler)
+            named = self._named_params(optimizer)
+            grads = [(n, p.grad) for n, p in named if p.grad is not None and not p.grad.is_sparse
+                     and p.grad.is_floating_point()]
+            self._capture.grads_pending = None
+            self._queue_grads(window, grads, step)
+            if self._recorder.enabled and reason == "step":
+                for n, p in named:
+                    if p.is_floating_point():
+                        self._channel.check(Subject("param", p, name=n, order=-1, window=window.index, step=step - 1))
+            if reason == "step" and self._health.is_sampling(step) and self._health.every:
+                with_grad = [(n, p) for n, p in named if p.grad is not None and not p.grad.is_sparse]
+                scaler = self._probe.last_scaler
+                scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+                fp16 = (scale is not None or any(p.dtype == torch.float16 for _, p in with_grad) or any(
+                    isinstance(e, Pass) and any(d == torch.float16 for _, on, d in e.autocast if on)
+                    for e in window.events))
+                flush = self._health.before_step([p for _, p in with_grad], scale, fp16)
+                self._health_params = (step, [n for n, _ in with_grad], [p for _, p in with_grad])
+                if flush is not None:
+                    scale_value = self._scales[-1] if scale is not None and self._scales else (
+                        None if scale is not None else 1.0)
+                    self._channel.record(Payload("flush", flush, (step, [n for n, _ in with_grad], scale_value)))
+        else:
+            self._queue_grads(window, self._capture.pending_grads(), step)
+        self._queue_scale(step)
+        self._read(self._channel.transfer())
+        if optimizer is not None and reason == "step" and self._exact_optimizer:
+            self._snapshots[id(optimizer)] = snapshot_optimizer(optimizer, step)
+
+    @_guarded
+    def after_update(self, reason: str, optimizer: torch.optim.Optimizer | None, updates: list[Update]) -> None:
+        capture = self._capture
+        if optimizer is not None:
+            sampled = self._health_params
+            if sampled is not None:
+                self._health_params = None
+                step, names, params = sampled
+                update = self._health.after_step(params)
+                if update is not None:
+                    self._channel.record(Payload("update", update, (step, names)))
+            # Rows of earlier steps are complete once their transfers are read (one step later when lazy).
+            lag = 1 if self._channel.in_flight else 0
+            self._recorder.flush(capture.clock.index - lag, steps=capture.clock.completed, skipped=self._probe.skipped)
+            return
+        window = capture.window
+        for u in updates:
+            for t, name in zip(u.targets, u.names, strict=True):
+                self._channel.check(Subject("update", t, event=u, name=name, order=len(window.events),
+                                            window=window.index, step=u.iteration))
+        self._windows[window.index] = window
+
+    @_guarded
+    def skipped_step(self, optimizer: torch.optim.Optimizer) -> None:
+        self._seen_optimizers[id(optimizer)] = optimizer
+        window = self._capture.window
+        self._queue_window(window)
+        named = self._named_params(optimizer)
+        grads = [(n, p.grad) for n, p in named if p.grad is not None and not p.grad.is_sparse]
+        self._capture.grads_pending = None
+        subjects = self._queue_grads(window, grads, window.iteration)
+        self._skipped_window = (window, subjects)
+        self._recorder.step(window.iteration, loss=None, grad_norm=None, loss_scale=None, skipped=True)
+        self._read(self._channel.transfer(), skipped=True)
+
+    @_guarded
+    def before_grads_cleared(self) -> None:
+        window = self._capture.window
+        self._queue_grads(window, self._capture.pending_grads(), window.iteration)
+        self._read(self._channel.transfer())
+
+    @_guarded
+    def boundary(self) -> None:
+        window = self._capture.window
+        self._queue_window(window)
+        self._queue_grads(window, self._capture.pending_grads() if self._capture.grads_pending is not None else [],
+                          window.iteration)
+        self._read(self._channel.transfer())
+        self._recorder.flush(self._capture.clock.index, steps=self._capture.clock.completed,
+                             skipped=self._probe.skipped)
+
+    @_guarded
+    def read(self, tensor: torch.Tensor, frame: UserFrame, nonfinite: bool) -> None:
+        window = self._capture.window
+        self._queue_window(window)
+        if nonfinite and id(tensor) not in window.produced:
+            self._channel.check(Subject("checked", tensor, order=len(window.events), window=window.index,
+                                        step=window.iteration))
+        if self._capture.grads_pending is not None:
+            self._queue_grads(window, self._capture.pending_grads(), window.iteration)
+        self._read_at = frame
+        try:
+            self._read(self._channel.transfer(blocking=True if nonfinite else None))
+        finally:
+            self._read_at = None
+
+    def _final_read(self) -> None:
+        """The end of the watched block: read everything still pending, waiting for the device."""
+        capture = self._capture
+        capture.finish()
+        window = capture.window
+        self._queue_window(window)
+        if capture.grads_pending is not None:
+            self._queue_grads(window, capture.pending_grads(), window.iteration)
+        # The weights after the last update (their fingerprint, and whether that update broke them).
+        step = capture.clock.index if capture.clock.optimizer_mode else -1
+        for optimizer in self._seen_optimizers.values():
+            for n, p in self._named_params(optimizer):
+                if p.is_floating_point():
+                    self._channel.check(Subject("param", p, name=n, order=-1, window=window.index, step=step))
+        self._queue_scale(window.iteration)
+        self._read(self._channel.transfer(blocking=True))
+
+    # ================================================================== queueing
+    def _queue_window(self, window: Window) -> None:
+        subjects = self._capture.take_subjects()
+        for s in subjects:
+            s.step = window.iteration
+            self._channel.check(s)
+        unscaled = self._probe.unscaled
+        losses = [unscaled.pop(id(t), t) for e in window.events[window.checked_losses:]
+                  if isinstance(e, Backward) and e.kind == "backward"
+                  for t in e.roots if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel() == 1]
+        window.checked_losses = len(window.events)
+        if losses:
+            values = torch.stack([v.detach().reshape(()).float().to(losses[0].device) for v in losses])
+            self._channel.record(Payload("loss", values, window.iteration))
+        self._windows[window.index] = window
+
+    def _queue_grads(self, window: Window, grads: list[tuple[str, torch.Tensor]], step: int) -> list[Subject]:
+        subjects = [Subject("grad", g, name=n, order=len(window.events), window=window.index, step=step)
+                    for n, g in grads]
+        for s in subjects:
+            self._channel.check(s)
+        self._windows[window.index] = window
+        return subjects
+
+    def _queue_scale(self, step: int) -> None:
+        scaler = self._probe.last_scaler
+        scale = getattr(scaler, "_scale", None) if scaler is not None else None
+        if isinstance(scale, torch.Tensor) and scaler.is_enabled():
+            self._channel.record(Payload("scale", scale.reshape(()), step))
+
+    def _named_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of an optimizer's parameters, cached while its param groups stay the same."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if isinstance(p, torch.Tensor)]
+        cached = self._optimizer_names.get(id(optimizer))
+        if cached is not None and len(cached) == len(params) and all(a is b for (_, a), b in zip(cached, params,
+                                                                                                 strict=True)):
+            return cached
+        leaves = self._capture.leaves
+        named = []
+        for i, p in enumerate(params):
+            name = leaves.name(p)
+            if name is None:
+                leaves.add_raw(p, None, name=f"param_groups[{_group_of(optimizer, p)}][{i}]")
+                name = leaves.name(p) or ""
+            named.append((name, p))
+        self._optimizer_names[id(optimizer)] = named
+        return named
+
+    # ================================================================== reading
+    def _read(self, readings: list[Reading], *, skipped: bool = False) -> None:
+        recorder, capture = self._recorder, self._capture
+        for reading in readings:
+            grads: dict[int, tuple[list[str], list[float]]] = {}
+            weights: dict[int, tuple[list[str], list[float]]] = {}
+            for s, norm in zip(reading.subjects, reading.norms, strict=True):
+                if s.role == "grad":
+                    names, values = grads.setdefault(s.step, ([], []))
+                elif s.role == "param":
+                    names, values = weights.setdefault(s.step, ([], []))
+                else:
+                    continue
+                names.append(s.name or "")
+                values.append(norm)
+            for step, (names, values) in grads.items():
+                sampled = self._health.is_sampling(step) and bool(self._health.every)
+                recorder.fingerprint(step, "grad", names, values, health=sampled)
+                total = math.sqrt(math.fsum(v * v for v in values)) if all(math.isfinite(v) for v in values) else (
+                    math.nan if any(math.isnan(v) for v in values) else math.inf)
+                recorder.step(step, loss=None, grad_norm=total, loss_scale=None, skipped=skipped)
+                self._recent_norms = (self._recent_norms + [total])[-_RECENT_NORMS:]
+            for step, (names, values) in weights.items():
+                if step >= 0:
+                    sampled = self._health.is_sampling(step) and bool(self._health.every)
+                    recorder.fingerprint(step, "weight", names, values, health=sampled)
+            for payload, values in reading.payload:
+                if payload.kind == "loss":
+                    recorder.step(payload.meta, loss=math.fsum(values) / len(values) if values else None,
+                                  grad_norm=None, loss_scale=None, skipped=skipped)
+                elif payload.kind == "scale":
+                    self._scales.append(values[0])
+                    recorder.step(payload.meta, loss=None, grad_norm=None, loss_scale=values[0], skipped=False)
+                else:
+                    recorder.payload(payload, values)
+            bad = [s for s in reading.bad() if not (skipped and s.role == "grad")]
+            if bad:
+                self._nonfinite_steps += 1
+                if self.incident is None:
+                    self._triage(bad)
+        for index in [i for i in self._windows if i < capture.window.index and not self._in_flight(i)]:
+            del self._windows[index]
+
+    def _in_flight(self, window_index: int) -> bool:
+        return any(s.window == window_index for flight in self._channel.in_flight for s in flight.subjects)
+
+    # ================================================================== triage
+    def _triage(self, bad: list[Subject]) -> None:
+        key = _intent_key(bad)
+        if key is not None and key in self._intentional:
+            return
+        start = time.perf_counter()
+        try:
+            incident = self._diagnose(bad)
+        except NonFiniteError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a triage failure must never hide the finding
+            first = min(bad, key=_timeline)
+            incident = triage.coarse_incident(
+                step=first.step, phase="forward", found=_found(bad), reason=f"the diagnosis failed with "
+                f"{type(exc).__name__}: {exc}", stats=operand_stats(first.tensor.detach()),
+                frame=_subject_frame(first), model=None, module=None, seconds=time.perf_counter() - start)
+        if incident is None:
+            if key is not None:
+                self._intentional.add(key)
+            return
+        if self._read_at is not None:
+            incident = triage.with_read(incident, self._read_at)
+        self._report(incident)
+
+    def _diagnose(self, bad: list[Subject]) -> Incident | None:
+        capture = self._capture
+        first = min(bad, key=_timeline)
+        window = self._windows.get(first.window, capture.window if first.window == capture.window.index else None)
+        step = first.step if first.step >= 0 else (window.iteration if window else capture.clock.index)
+
+        broken = self._broken_parameter(bad, step)
+        if broken is not None:
+            return broken
+        if window is None:
+            return self._coarse(bad, step, "the step's record was already released", None)
+        found = self._bad_input(window, step, nan_only=True)
+        if found is not None:
+            return found
+        stale = capture.param_writes > window.writes
+        if not self._replay:
+            return self._coarse(bad, step, "replay is disabled (replay=False / --no-replay)", window)
+        if stale:
+            return self._coarse(bad, step, "the parameters had changed by the time this step's values were read "
+                                "(sync='lazy' reads one step late); re-run with sync='step' (--sync step) to name the "
+                                "op", window)
+        start = time.perf_counter()
+        targets = sorted((s for s in bad if s.window == window.index), key=_timeline)
+        try:
+            result = self._replayer.replay(window, targets)
+        except Exception as exc:  # noqa: BLE001 - a replay failure must never hide the finding
+            return self._coarse(bad, step, f"the replay raised {type(exc).__name__}: {exc}", window,
+                                time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        tracer = result.tracer
+        tracer.root_labels.update(self._labels)
+        unexplained: Subject | None = None
+        for subject, sink in zip(targets, result.sinks, strict=True):
+            verdict, event, last = tracer.explain(sink) if sink is not None else ("unreplayed", None, None)
+            serious = subject.role in _SERIOUS
+            if verdict == "origin":
+                assert event is not None
+                incident = incident_from_event(event, last, step=step, replay_seconds=seconds)
+                if event.external_inf_inputs and event.external_inputs:
+                    inp = self._input_for_keys(window, event.external_inputs, step)
+                    if inp is not None:
+                        what, stats, frame, model, module = inp
+                        return triage.refine_input(incident, what=what, stats=stats, frame=frame, model=model,
+                                                   module=module)
+                return triage.with_divergence(incident, self._recent_norms)
+            if verdict == "intended":
+                assert event is not None
+                if event.kind == "nan" or serious:
+                    return triage.intended_incident(step=step, event=event, reached=_ROLE_WORDS.get(
+                        subject.role, subject.role), stats=operand_stats(sink.detach()), seconds=seconds)
+                continue  # a mask's -inf, carried where it is meant to be
+            if verdict == "external":
+                inp = self._bad_input(window, step, nan_only=False)
+                if inp is not None:
+                    return replace(inp, replay_seconds=seconds)
+                if serious:
+                    unexplained = unexplained or subject
+                continue
+            unexplained = unexplained or subject
+        if unexplained is None:
+            return None  # only intended infinities were read or checked: not an incident
+        reason = ("the replay with the same inputs, RNG and autocast state stayed finite (non-deterministic "
+                  "kernels, or tensors changed in place after they were recorded)")
+        if result.skipped:
+            reason += "; not replayed: " + "; ".join(result.skipped[:3])
+        return self._coarse([unexplained], step, reason, window, seconds)
+
+    def _coarse(self, bad: list[Subject], step: int, reason: str, window: Window | None,
+                seconds: float | None = None) -> Incident:
+        first = min(bad, key=_timeline)
+        phase = "backward" if first.role in ("grad", "grad-result") else (
+            "optimizer" if first.role in ("update",) else "forward")
+        module = None
+        model = None
+        if isinstance(first.event, Pass):
+            module, model = "", self._labels.get(id(first.event.module))
+        return triage.coarse_incident(step=step, phase=phase, found=_found(bad), reason=reason,  # type: ignore[arg-type]
+                                      stats=operand_stats(first.tensor.detach()), frame=_subject_frame(first),
+                                      model=model, module=module, seconds=seconds)
+
+    def _broken_parameter(self, bad: list[Subject], step: int) -> Incident | None:
+        """A parameter or raw leaf that is non-finite now, before the update this read precedes."""
+        capture = self._capture
+        candidates = capture.leaves.items()
+        if not candidates:
+            return None
+        with torch.no_grad():
+            flags = torch.stack([torch.isfinite(t).all().to("cpu") for _, t in candidates]).tolist()
+        broken = [(n, t) for (n, t), ok in zip(candidates, flags, strict=True) if not ok]
+        if not broken:
+            return None
+        # The parameter written most recently is the cause; others followed from it.
+        def written(item: tuple[str, torch.Tensor]) -> tuple[int, int]:
+            who = capture.last_writer.get(id(item[1]))
+            return (who[1] if who else -1, 0)
+
+        name, param = min(broken, key=written)
+        writer = capture.last_writer.get(id(param))
+        stats = operand_stats(param.detach())
+        owner = capture.leaves.owner.get(id(param))
+        model = self._labels.get(id(owner)) if owner is not None else None
+        module = _module_of(name) if owner is not None else None
+        if writer is None:
+            use = self._first_use(param)
+            return triage.parameter_incident(
+                step=step, name=name, module=module, model=model, stats=stats, frame=use,
+                history="it was never written while watched, so it came from the initialisation or a checkpoint "
+                        "loaded before the watch started.")
+        kind, iteration, who = writer
+        if kind == "manual":
+            update: Update = who
+            operands = [operand_stats(a.detach()) for a in update.args[1:] if isinstance(a, torch.Tensor)
+                        and a.is_floating_point()]
+            op = f"aten.{getattr(update.func, '__name__', 'update')}"
+            return triage.manual_update_incident(step=iteration, op=op, name=name, module=module, model=model,
+                                                 frame=update.frame, before=None, operands=operands, after=stats)
+        optimizer: torch.optim.Optimizer = who
+        snapshot = self._snapshots.get(id(optimizer))
+        frame = self._step_frame.get(id(optimizer), UNKNOWN_FRAME)
+        if snapshot is not None and snapshot.iteration == iteration and self._replay:
+            start = time.perf_counter()
+            try:
+                tracer = self._replayer.replay_optimizer(optimizer, snapshot, list(capture.leaves.roots))
+                found = tracer.origin_for([p.detach() for p in snapshot.params])
+            except Exception:  # noqa: BLE001 - fall back to the state analysis below
+                found = None
+            if found is not None:
+                root, last = found
+                incident = incident_from_event(root, last, step=iteration)
+                incident = with_optimizer_context(incident, optimizer, param, name)
+                return replace(incident, step=iteration, module=module, model=model, file=frame.file,
+                               line=frame.line, code=frame.code or None, function=frame.function,
+                               replay_seconds=time.perf_counter() - start)
+        lines, explanation, suggestions = optimizer_findings(optimizer, param)
+        return triage.optimizer_incident(step=iteration, optimizer_name=type(optimizer).__name__, name=name,
+                                         module=module, model=model, frame=frame, output=stats, state_lines=lines,
+                                         explanation=explanation, suggestions=suggestions, replayed=False)
+
+    def _first_use(self, param: torch.Tensor) -> UserFrame:
+        window = self._capture.window
+        owner = self._capture.leaves.owner.get(id(param))
+        for event in window.events:
+            if isinstance(event, Pass) and owner is not None and event.module is owner:
+                return event.call_site
+            if isinstance(event, Call) and any(a is param for a in event.args):
+                return event.frame
+        return UNKNOWN_FRAME
+
+    def _inputs(self, window: Window) -> list[tuple[str, torch.Tensor, UserFrame, str | None, str | None]]:
+        """Tensors that entered the window from outside it: the batch and other inputs (not parameters)."""
+        leaves = self._capture.leaves
+        grads = {id(t.grad) for _, t in leaves.items() if t.grad is not None}
+        found, seen = [], set()
+        for event in window.events:
+            if isinstance(event, Pass):
+                tensors = float_leaves((event.args, event.kwargs))
+                label = self._labels.get(id(event.module), type(event.module).__name__)
+                where, frame, model, module = f"input {{}} of the call to {label}", event.call_site, label, ""
+            elif isinstance(event, Call):
+                tensors = float_leaves((event.args, event.kwargs))
+                where, frame, model, module = (f"argument {{}} of {getattr(event.func, '__name__', 'a call')}",
+                                               event.frame, None, None)
+            else:
+                continue
+            for i, t in enumerate(tensors):
+                if id(t) in window.produced or id(t) in seen or leaves.lookup(t) is not None or id(t) in grads:
+                    continue
+                seen.add(id(t))
+                found.append((where.format(i), t, frame, model, module))
+        return found
+
+    def _bad_input(self, window: Window, step: int, *, nan_only: bool) -> Incident | None:
+        for what, t, frame, model, module in self._inputs(window):
+            stats = operand_stats(t.detach())
+            if stats.nan or (stats.inf and not nan_only):
+                return triage.input_incident(step=step, stats=stats, what=what, frame=frame, model=model,
+                                             module=module)
+        return None
+
+    def _input_for_keys(self, window: Window, keys: list[tuple[Any, ...]], step: int) -> Any:
+        ptrs = {k[1] for k in keys}
+        for what, t, frame, model, module in self._inputs(window):
+            try:
+                ptr = t.untyped_storage().data_ptr()
+            except (RuntimeError, NotImplementedError):
+                continue
+            if ptr in ptrs:
+                stats = operand_stats(t.detach())
+                if stats.nan or stats.inf:
+                    return what, stats, frame, model, module
+        return None
+
+    def _report(self, incident: Incident) -> None:
+        self.incident = incident
+        self._recorder.event(incident.step, "incident", incident.to_dict())
+        if self._on_anomaly == "raise":
+            raise NonFiniteError(incident)
+        if self._on_anomaly == "warn":
+            warnings.warn(incident.diagnosis(), RuntimeWarning, stacklevel=user_stacklevel())
+
+    # ================================================================== GradScaler
+    @_guarded
+    def _scaler_updated(self, scaler: Any) -> None:
+        if not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+            return
+        probe = self._probe
+        if probe.consecutive == 0:
+            return  # the scale is read with the next transfer
+        scale = float(scaler._scale.item())  # a skipped step already synced (found_inf): this waits for nothing
+        self._scales.append(scale)
+        self._recorder.set_scale(self._capture.clock.index, scale)
+        if self.incident is None and (scale < 1.0 or probe.consecutive >= self._max_skips):
+            detail = None
+            seconds = 0.0
+            if self._skipped_window is not None and self._replay:
+                window, subjects = self._skipped_window
+                start = time.perf_counter()
+                try:
+                    result = self._replayer.replay(window, subjects)
+                    result.tracer.root_labels.update(self._labels)
+                    found = result.tracer.origin_for(result.sinks)
+                    if found is not None:
+                        detail = incident_from_event(found[0], found[1], step=self._capture.clock.index)
+                except Exception:  # noqa: BLE001 - the collapse is reported even when the replay fails
+                    detail = None
+                seconds = time.perf_counter() - start
+            self._report(triage.collapse_incident(step=self._capture.clock.index, scale=scale, history=self._scales,
+                                                  skips=probe.consecutive, detail=detail, seconds=seconds))
+
+
+# Roles whose non-finite values are a failure even when they were written on purpose (a -inf loss).
+_SERIOUS = {"loss", "grad", "grad-result", "param", "update", "initial"}
+_ROLE_WORDS = {"output": "a model's output", "call": "a value computed outside the models", "loss": "the loss",
+               "grad": "the gradients", "grad-result": "the gradients torch.autograd.grad returned",
+               "param": "the parameters", "update": "a parameter after an in-place update",
+               "checked": "a value the script checked", "initial": "the parameters before the first step"}
+
+
+def _timeline(s: Subject) -> tuple[int, int]:
+    return (s.window, s.order)
+
+
+def _intent_key(bad: list[Subject]) -> tuple[str, int] | None:
+    first = min(bad, key=_timeline)
+    frame = _subject_frame(first)
+    return (frame.file, frame.line) if frame.known and first.role in ("call", "output", "checked") else None
+
+
+def _subject_frame(s: Subject) -> UserFrame:
+    event = s.event
+    if isinstance(event, Pass):
+        return event.call_site
+    if isinstance(event, (Call, Backward, Update)):
+        return event.frame
+    return UNKNOWN_FRAME
+
+
+def _found(bad: list[Subject]) -> str:
+    seen: list[str] = []
+    for s in sorted(bad, key=_timeline):
+        w = _ROLE_WORDS.get(s.role, s.role)
+        if w not in seen:
+            seen.append(w)
+    return ", ".join(seen[:3])
+
+
+def _module_of(param_name: str | None) -> str | None:
+    if param_name is None:
+        return None
+    return param_name.rpartition(".")[0]
+
+
+def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
+    for i, group in enumerate(optimizer.param_groups):
+        if any(p is param for p in group["params"]):
+            return i
+    return 0
+
+
+def _root_label(module: torch.nn.Module, call_site: UserFrame) -> str:
+    """How incidents name a root model: its class, with the name the script gives it when found."""
+    return type(module).__name__
+
+
+def _as_list(value: Any, cls: type, what: str, expected: str) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, cls):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(v, cls) for v in value):
+        return list(value)
+    raise UsageError(f"watch() expects {what} to be a {expected} (or a list of them), got {type(value).__name__}; "
+                     f"pass {what}=None to watch every one the code uses")
+
+
+watch = Watch
