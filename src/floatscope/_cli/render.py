@@ -33,7 +33,7 @@ def print_incident(incident: Incident, out: Any) -> None:
     op = incident.op + (f"  (autograd node {incident.backward_node})" if incident.backward_node else "")
     body.add_row("op", Text(op, style="bold"))
     if incident.module is not None:
-        body.add_row("module", incident.module or "<root>")
+        body.add_row("module", (incident.module or "<root>") + (f" of {incident.model}" if incident.model else ""))
     if incident.param:
         body.add_row("parameter", incident.param)
     body.add_row("where", f"{incident.file}:{incident.line}")

@@ -106,6 +106,19 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             "sigmoid + BCE",
         ]
     if _is(fwd_base, kinds.LOG) and not backward:
+        exact_zero = bool(event.producer_zero_inputs) and event.producer_zero_inputs[0]
+        if ops and ops[0].min < 0 and event.kind == "nan":
+            text = f"log of a negative number ({_fmt(ops[0].min)}) is NaN."
+            fixes = ["check the sign of the argument; use log(x.clamp_min(eps)) if it must be positive"]
+            if producer in {"rsub", "sub"}:
+                text += (" The argument is a difference (x - c): it became negative when x fell below c, so the "
+                         "log is outside its domain.")
+            return text, fixes
+        if exact_zero and producer in {"mul", "div"}:
+            text = (f"log of zero: {ops[0].zeros} element(s) of the argument are exactly 0 because {producer} had an "
+                    f"exact zero factor (x * 0 is 0 exactly, no rounding involved); log(0) = -inf.")
+            return text, ["mask the zero entries out before the log (torch.where(keep, torch.log(p), 0)), or add a "
+                          "floor: torch.log(x.clamp_min(1e-12))"]
         if producer in {"_softmax", "softmax"}:
             text = (f"log of a softmax: {ops[0].zeros} probabilities underflowed to exactly 0 in {dtype} "
                     f"(logit gaps beyond ~{_log_range(dtype):.0f}), and log(0) = -inf.")

@@ -28,7 +28,7 @@ def input_incident(*, step: int, stats: OperandStats, what: str, frame: UserFram
     explanation = (f"{what} ({stats.dtype}, shape {stats.shape}) already held {_what(stats)} before any op of the "
                    f"step ran: the data, not the model, produced it.")
     if consumer:
-        explanation += f" The first op to read it was {consumer}, which turned it into NaN."
+        explanation += f" The first op to turn it into NaN was {consumer}."
     return Incident(
         step=step, phase="forward", kind="nan" if stats.nan else "inf", op="<input>", backward_node=None,
         module=module, param=None, file=frame.file, line=frame.line, category="input", explanation=explanation,
@@ -42,7 +42,8 @@ def input_incident(*, step: int, stats: OperandStats, what: str, frame: UserFram
 def refine_input(incident: Incident, *, what: str, stats: OperandStats, frame: UserFrame, model: str | None,
                  module: str | None) -> Incident:
     """A replayed origin whose non-finite operand was a step input: the input is the origin."""
-    consumer = f"{incident.op} at {incident.file}:{incident.line}"
+    where = f" in module '{incident.module}'" if incident.module else ""
+    consumer = f"{incident.op}{where} at {incident.file}:{incident.line}"
     return replace(input_incident(step=incident.step, stats=stats, what=what, frame=frame, model=model,
                                   module=module, consumer=consumer),
                    replay_seconds=incident.replay_seconds)

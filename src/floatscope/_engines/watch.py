@@ -41,6 +41,7 @@ from floatscope._engines.recorder import RunRecorder
 from floatscope._instrument.capture import Backward, Call, CaptureListener, Pass, StepCapture, Update, Window
 from floatscope._instrument.channel import Payload, Reading, StepChannel, Subject, SyncPolicy
 from floatscope._instrument.frames import frame_from, name_in_frame, user_frame_object, user_stacklevel
+from floatscope._instrument import ops as kinds
 from floatscope._instrument.health import HealthSampler
 from floatscope._instrument.hooks import HookSet
 from floatscope._instrument.modules import float_leaves
@@ -189,7 +190,7 @@ class Watch(CaptureListener):
         self._labels: dict[int, str] = {}
         self._optimizer_names: dict[int, list[tuple[str, torch.Tensor]]] = {}
         self._configured: set[int] = set()
-        self._recent_norms: list[float] = []
+        self._step_norms: dict[int, float] = {}
         self._scales: list[float] = []
         self._intentional: set[tuple[str, int]] = set()
         self._read_at: UserFrame | None = None
@@ -504,7 +505,9 @@ class Watch(CaptureListener):
                 total = math.sqrt(math.fsum(v * v for v in values)) if all(math.isfinite(v) for v in values) else (
                     math.nan if any(math.isnan(v) for v in values) else math.inf)
                 recorder.step(step, loss=None, grad_norm=total, loss_scale=None, skipped=skipped)
-                self._recent_norms = (self._recent_norms + [total])[-_RECENT_NORMS:]
+                self._step_norms[step] = total  # the latest read of a step's gradients (accumulated) wins
+                if len(self._step_norms) > _RECENT_NORMS:
+                    del self._step_norms[min(self._step_norms)]
             for step, (names, values) in weights.items():
                 if step >= 0:
                     sampled = self._health.is_sampling(step) and bool(self._health.every)
@@ -523,7 +526,9 @@ class Watch(CaptureListener):
                 self._nonfinite_steps += 1
                 if self.incident is None:
                     self._triage(bad)
-        for index in [i for i in self._windows if i < capture.window.index and not self._in_flight(i)]:
+        # Keep this iteration's windows (a later one may need their graph to replay) and those still in flight.
+        current = capture.window.iteration
+        for index in [i for i, w in self._windows.items() if w.iteration < current and not self._in_flight(i)]:
             del self._windows[index]
 
     def _in_flight(self, window_index: int) -> bool:
@@ -567,7 +572,7 @@ class Watch(CaptureListener):
         found = self._bad_input(window, step, nan_only=True)
         if found is not None:
             return found
-        stale = capture.param_writes > window.writes
+        stale = self._replayer.stale(window, [s for s in bad if s.window == window.index])
         if not self._replay:
             return self._coarse(bad, step, "replay is disabled (replay=False / --no-replay)", window)
         if stale:
@@ -577,13 +582,13 @@ class Watch(CaptureListener):
         start = time.perf_counter()
         targets = sorted((s for s in bad if s.window == window.index), key=_timeline)
         try:
-            result = self._replayer.replay(window, targets)
+            history = [w for w in self._windows.values() if w.iteration == window.iteration and w.index < window.index]
+            result = self._replayer.replay(window, targets, self._labels, history)
         except Exception as exc:  # noqa: BLE001 - a replay failure must never hide the finding
             return self._coarse(bad, step, f"the replay raised {type(exc).__name__}: {exc}", window,
                                 time.perf_counter() - start)
         seconds = time.perf_counter() - start
         tracer = result.tracer
-        tracer.root_labels.update(self._labels)
         unexplained: Subject | None = None
         for subject, sink in zip(targets, result.sinks, strict=True):
             verdict, event, last = tracer.explain(sink) if sink is not None else ("unreplayed", None, None)
@@ -591,13 +596,15 @@ class Watch(CaptureListener):
             if verdict == "origin":
                 assert event is not None
                 incident = incident_from_event(event, last, step=step, replay_seconds=seconds)
-                if event.external_inf_inputs and event.external_inputs:
-                    inp = self._input_for_keys(window, event.external_inputs, step)
+                if event.external_inf_inputs and event.external_inputs and not kinds.is_(event.op, kinds.SOFTMAX):
+                    # Infinities in the data that an op turned into NaN (inf * 0, inf - inf): the data is the
+                    # origin. A softmax of fully masked rows is not: masks hold -inf on purpose.
+                    inp = self._input_for_keys(window, event.external_inputs, step, result.mapping)
                     if inp is not None:
                         what, stats, frame, model, module = inp
                         return triage.refine_input(incident, what=what, stats=stats, frame=frame, model=model,
                                                    module=module)
-                return triage.with_divergence(incident, self._recent_norms)
+                return triage.with_divergence(incident, [v for _, v in sorted(self._step_norms.items()) if _ < step])
             if verdict == "intended":
                 assert event is not None
                 if event.kind == "nan" or serious:
@@ -662,6 +669,13 @@ class Watch(CaptureListener):
                 history="it was never written while watched, so it came from the initialisation or a checkpoint "
                         "loaded before the watch started.")
         kind, iteration, who = writer
+        if kind == "manual" and getattr(who.func, "__name__", "") in _WRITES:
+            update = who
+            return triage.parameter_incident(
+                step=step, name=name, module=module, model=model, stats=stats, frame=update.frame,
+                history=f"{getattr(update.func, '__name__', 'a write')} wrote these values into it at "
+                        f"{update.frame.file}:{update.frame.line} (a checkpoint load or an assignment), not an "
+                        f"update computed from gradients.")
         if kind == "manual":
             update: Update = who
             operands = [operand_stats(a.detach()) for a in update.args[1:] if isinstance(a, torch.Tensor)
@@ -701,8 +715,12 @@ class Watch(CaptureListener):
                 return event.frame
         return UNKNOWN_FRAME
 
-    def _inputs(self, window: Window) -> list[tuple[str, torch.Tensor, UserFrame, str | None, str | None]]:
-        """Tensors that entered the window from outside it: the batch and other inputs (not parameters)."""
+    def _inputs(self, window: Window, *, produced_too: bool = False
+                ) -> list[tuple[str, torch.Tensor, UserFrame, str | None, str | None]]:
+        """Tensors that entered the window from outside it: the batch and other inputs (not parameters).
+
+        With ``produced_too``, also model inputs the window itself made (a batch built in the loop).
+        """
         leaves = self._capture.leaves
         grads = {id(t.grad) for _, t in leaves.items() if t.grad is not None}
         found, seen = [], set()
@@ -718,7 +736,8 @@ class Watch(CaptureListener):
             else:
                 continue
             for i, t in enumerate(tensors):
-                if id(t) in window.produced or id(t) in seen or leaves.lookup(t) is not None or id(t) in grads:
+                made_here = id(t) in window.produced and not (produced_too and isinstance(event, Pass))
+                if made_here or id(t) in seen or leaves.lookup(t) is not None or id(t) in grads:
                     continue
                 seen.add(id(t))
                 found.append((where.format(i), t, frame, model, module))
@@ -732,11 +751,17 @@ class Watch(CaptureListener):
                                              module=module)
         return None
 
-    def _input_for_keys(self, window: Window, keys: list[tuple[Any, ...]], step: int) -> Any:
+    def _input_for_keys(self, window: Window, keys: list[tuple[Any, ...]], step: int,
+                        replayed: dict[int, Any]) -> Any:
+        """The model input (or argument of a call) whose storage holds the non-finite values in ``keys``.
+
+        ``keys`` are storage keys of replayed tensors; ``replayed`` maps originals to them.
+        """
         ptrs = {k[1] for k in keys}
-        for what, t, frame, model, module in self._inputs(window):
+        for what, t, frame, model, module in self._inputs(window, produced_too=True):
             try:
-                ptr = t.untyped_storage().data_ptr()
+                now = replayed.get(id(t), t)
+                ptr = now.untyped_storage().data_ptr() if isinstance(now, torch.Tensor) else None
             except (RuntimeError, NotImplementedError):
                 continue
             if ptr in ptrs:
@@ -771,8 +796,7 @@ class Watch(CaptureListener):
                 window, subjects = self._skipped_window
                 start = time.perf_counter()
                 try:
-                    result = self._replayer.replay(window, subjects)
-                    result.tracer.root_labels.update(self._labels)
+                    result = self._replayer.replay(window, subjects, self._labels)
                     found = result.tracer.origin_for(result.sinks)
                     if found is not None:
                         detail = incident_from_event(found[0], found[1], step=self._capture.clock.index)
@@ -783,6 +807,8 @@ class Watch(CaptureListener):
                                                   skips=probe.consecutive, detail=detail, seconds=seconds))
 
 
+# In-place ops that write given values into a parameter (load_state_dict, assignment), not updates.
+_WRITES = {"copy_", "__setitem__", "fill_", "set_", "index_put_", "masked_fill_", "zero_"}
 # Roles whose non-finite values are a failure even when they were written on purpose (a -inf loss).
 _SERIOUS = {"loss", "grad", "grad-result", "param", "update", "initial"}
 _ROLE_WORDS = {"output": "a model's output", "call": "a value computed outside the models", "loss": "the loss",

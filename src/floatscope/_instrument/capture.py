@@ -165,8 +165,8 @@ class IterationClock:
     one iteration, four accumulated micro-batches and their one step are one, and an LBFGS step
     with all its closure calls is one. A GradScaler-skipped step counts. Without ``torch.optim``:
     an iteration ends at a group of in-place parameter updates or a ``torch.autograd.grad`` call,
-    and the next begins with the next computation that builds a graph (in inference, each root
-    model call is one).
+    and the next begins with the next computation that builds a graph (in inference under
+    ``no_grad``, each root model call is one).
     """
 
     def __init__(self) -> None:
@@ -196,13 +196,13 @@ class IterationClock:
         elif key in self.stepped:
             self.index += 1
             self.stepped = set()
-        elif self.stepped and self.stepped >= self.known:
-            self.index += 1
-            self.stepped = set()
         self.stepped.add(key)
         self.known.add(key)
-        self.completed = max(self.completed, self.index + 1)
         return self.index
+
+    def step_done(self) -> None:
+        """The step of the current iteration ran (or a GradScaler skipped it): the iteration counts."""
+        self.completed = max(self.completed, self.index + 1)
 
     def state_changed(self) -> None:
         """A manual update group or an ``autograd.grad`` call ended an iteration (no optimizer in use).
@@ -420,7 +420,8 @@ class StepCapture:
         self.optimizers = {id(o) for o in optimizers}
         self.global_mode = not self.models
         self.clock = IterationClock()
-        self.param_writes = 0
+        self.param_writes = 0          # a clock of parameter writes
+        self.written_at: dict[int, int] = {}  # id(leaf) -> the write clock when it was last written
         self.leaves = Leaves()
         self.coverage = Coverage()
         self.mode = _StepMode(self)
@@ -551,8 +552,8 @@ class StepCapture:
             self._called.add(id(module))
             self.add_root(module)
         grad = torch.is_grad_enabled()
-        if self.window.passes:
-            self.clock.inference_call()
+        if self.window.passes and not grad:
+            self.clock.inference_call()  # under no_grad: a model call that trains nothing is an iteration
         if self.clock.compute():
             self.listener.boundary()
             self.new_window()
@@ -614,11 +615,14 @@ class StepCapture:
         self.in_optimizer = max(0, self.in_optimizer - 1)
         self.clock.in_step = False
         self._push()
+        if self._watched(optimizer):
+            self.clock.step_done()
         iteration = self.clock.index
         self.param_writes += 1
         for group in optimizer.param_groups:
             for p in group["params"]:
                 self.last_writer[id(p)] = ("optimizer", iteration, optimizer)
+                self.written_at[id(p)] = self.param_writes
         with self.own():
             if self._watched(optimizer):
                 self.listener.after_update("step", optimizer, [])
@@ -637,7 +641,10 @@ class StepCapture:
             capture._in_closure = True
             capture.in_optimizer -= 1
             capture._push()
-            capture.param_writes += 1  # the optimizer may have moved the parameters since the last call
+            capture.param_writes += 1  # the optimizer may have moved its parameters since the last call
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    capture.written_at[id(p)] = capture.param_writes
             capture.new_window()
             capture.window.iteration = capture.clock.index
             ok = False
@@ -665,6 +672,7 @@ class StepCapture:
             self._end_update_group()
             if self._watched(optimizer):
                 self.clock.step_begins(optimizer)
+                self.clock.step_done()
                 self.window.iteration = self.clock.index
                 self.listener.skipped_step(optimizer)
             self.new_window()
@@ -829,6 +837,7 @@ class StepCapture:
             leaf = self.leaves.lookup(t)
             if leaf is not None:
                 self.last_writer[id(leaf[0])] = ("manual", update.iteration, update)
+                self.written_at[id(leaf[0])] = self.param_writes
         return out
 
     def _end_update_group(self) -> None:

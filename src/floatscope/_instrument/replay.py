@@ -37,6 +37,7 @@ class ReplayResult:
     sinks: list[torch.Tensor | None]  # the replayed value of each target (None: not replayed)
     replayed: int                     # events re-executed
     skipped: list[str] = field(default_factory=list)  # what could not be replayed, in words
+    mapping: dict[int, Any] = field(default_factory=dict)  # id(original tensor) -> its replayed value
 
 
 @dataclass(eq=False)
@@ -68,14 +69,20 @@ class Replayer:
     def __init__(self, capture: StepCapture) -> None:
         self.capture = capture
 
-    def replay(self, window: Window, targets: list[Subject]) -> ReplayResult:
-        """Re-execute ``window`` up to the latest event of ``targets`` under an :class:`OpTracer`."""
+    def replay(self, window: Window, targets: list[Subject], labels: dict[int, str] | None = None,
+               history: list[Window] = ()) -> ReplayResult:  # type: ignore[assignment]
+        """Re-execute ``window`` up to the latest event of ``targets`` under an :class:`OpTracer`.
+
+        ``labels`` names the root models (``{id(root): label}``) in the events the tracer records.
+        ``history`` holds the earlier windows of the same iteration: the events of theirs that made
+        graph-carrying tensors this window uses (a GAN's ``fake = G(z)`` before the discriminator
+        step) are replayed first, so a backward through them works and is traced.
+        """
         capture = self.capture
         roots = list(capture.leaves.roots)
-        until = max((s.order for s in targets if s.window == window.index), default=len(window.events) - 1)
-        if any(s.role in ("grad", "param", "update") for s in targets):
-            until = len(window.events) - 1
+        events = self.plan(window, targets)
         tracer = OpTracer(boundary=_BOUNDARY)
+        tracer.root_labels.update(labels or {})
         for root in roots:
             tracer.add_root(root)
         cpu_rng = torch.get_rng_state()
@@ -91,11 +98,13 @@ class Replayer:
             if window.cuda_rng is not None:
                 torch.cuda.set_rng_state_all(window.cuda_rng)
             with tracer:
-                for event in window.events[: until + 1]:
+                for event in [*_prefix(window, history), *events]:
                     if isinstance(event, Pass):
                         _run_pass(tracer, event, mapping)
                     elif isinstance(event, Call):
-                        note = _run_call(tracer, event, mapping)
+                        # A call without grad after a backward is part of a hand-written update.
+                        note = _run_call(tracer, event, mapping, "optimizer" if grads and not event.grad_enabled
+                                         else "forward")
                         if note:
                             skipped.append(note)
                             continue
@@ -128,7 +137,60 @@ class Replayer:
         if window.truncated:
             skipped.append(f"the window held more than {len(window.events)} recorded calls; later ones were "
                            "not recorded")
-        return ReplayResult(tracer, sinks, replayed, skipped)
+        return ReplayResult(tracer, sinks, replayed, skipped, mapping)
+
+    def plan(self, window: Window, targets: list[Subject]) -> list[Any]:
+        """The events of ``window`` the targets' values depend on, in order (RNG marks kept)."""
+        events = window.events
+        until = max((s.order for s in targets if s.window == window.index and s.order >= 0), default=len(events) - 1)
+        if any(s.role in ("grad", "param", "update", "initial") for s in targets):
+            until = len(events) - 1
+        until = min(until, len(events) - 1)
+        makers: dict[int, list[int]] = {}
+        for i, e in enumerate(events[: until + 1]):
+            for t in _outputs_of(e):
+                makers.setdefault(id(t), []).append(i)
+        wanted: set[int] = set()
+        stack: list[tuple[int, int]] = []  # (tensor id, before event index)
+
+        def want(key: int, before: int) -> None:
+            for i in reversed(makers.get(key, [])):
+                if i < before:
+                    stack.append((key, i))
+                    return
+
+        for s in targets:
+            if s.role == "grad" or s.role in ("param", "update", "initial"):
+                for i, e in enumerate(events[: until + 1]):
+                    if isinstance(e, Backward) and e.kind == "backward":
+                        wanted.add(i)
+            else:
+                want(id(s.tensor), until + 1)
+        for i in list(wanted):
+            for t in _inputs_of(events[i]):
+                want(id(t), i)
+        while stack:
+            _, i = stack.pop()
+            if i in wanted:
+                continue
+            wanted.add(i)
+            for t in _inputs_of(events[i]):
+                want(id(t), i)
+        return [e for i, e in enumerate(events[: until + 1]) if i in wanted or isinstance(e, RngMark)]
+
+    def stale(self, window: Window, targets: list[Subject]) -> bool:
+        """Was a parameter or leaf that the replay of ``targets`` would read written after the window began?"""
+        capture = self.capture
+        events = self.plan(window, targets)
+        owners = {id(e.module) for e in events if isinstance(e, Pass)}
+        read = {id(t) for e in events if isinstance(e, (Call, Backward)) for t in _inputs_of(e)}
+        for key, when in capture.written_at.items():
+            if when <= window.writes:
+                continue
+            owner = capture.leaves.owner.get(key)
+            if (owner is not None and id(owner) in owners) or key in read:
+                return True
+        return False
 
     def replay_optimizer(self, optimizer: torch.optim.Optimizer, snapshot: OptimizerSnapshot,
                          roots: list[torch.nn.Module]) -> OpTracer:
@@ -166,6 +228,58 @@ class Replayer:
                 if id(p) in now_state:
                     optimizer.state[p] = now_state[id(p)]
         return tracer
+
+
+def _inputs_of(event: Any) -> list[torch.Tensor]:
+    if isinstance(event, Pass):
+        tree: Any = (event.args, event.kwargs, event.functional)
+    elif isinstance(event, Call):
+        tree = (event.args, event.kwargs)
+    elif isinstance(event, Backward):
+        tree = (event.roots, event.grad_outputs, event.inputs)
+    else:
+        return []
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _outputs_of(event: Any) -> list[torch.Tensor]:
+    if isinstance(event, Pass):
+        tree: Any = event.outputs
+    elif isinstance(event, Call):
+        tree = (event.out, event.args[0] if event.inplace and event.args else None)
+    elif isinstance(event, Backward):
+        tree = event.out
+    else:
+        return []
+    return [t for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)]
+
+
+def _prefix(window: Window, history: list[Window]) -> list[Any]:
+    """Events of earlier windows that made the graph-carrying tensors ``window`` uses, with their inputs' makers."""
+    needed = {id(t) for e in window.events for t in _inputs_of(e)
+              if t.grad_fn is not None and id(t) not in window.produced}
+    prefix: list[Any] = []
+    for earlier in sorted(history, key=lambda w: w.index, reverse=True):
+        if not needed:
+            break
+        makers: dict[int, int] = {}
+        for i, e in enumerate(earlier.events):
+            for t in _outputs_of(e):
+                makers[id(t)] = i
+        wanted: set[int] = set()
+        stack = [makers[k] for k in needed if k in makers]
+        while stack:
+            i = stack.pop()
+            if i in wanted:
+                continue
+            wanted.add(i)
+            stack.extend(makers[id(t)] for t in _inputs_of(earlier.events[i]) if id(t) in makers)
+        events = [earlier.events[i] for i in sorted(wanted) if not isinstance(earlier.events[i], Backward)
+                  or earlier.events[i].kind == "grad"]
+        needed -= {id(t) for e in events for t in _outputs_of(e)}
+        needed |= {id(t) for e in events for t in _inputs_of(e) if t.grad_fn is not None and id(t) not in earlier.produced}
+        prefix = events + prefix
+    return prefix
 
 
 def _owner_of_grad(capture: StepCapture, grad: torch.Tensor) -> torch.Tensor | None:
@@ -214,7 +328,7 @@ def _run_pass(tracer: OpTracer, p: Pass, mapping: dict[int, Any]) -> None:
     _remember(mapping, p.outputs, out)
 
 
-def _run_call(tracer: OpTracer, call: Call, mapping: dict[int, Any]) -> str | None:
+def _run_call(tracer: OpTracer, call: Call, mapping: dict[int, Any], phase: str = "forward") -> str | None:
     sub = _sub(mapping)
     if call.inplace and call.args and isinstance(call.args[0], torch.Tensor) and id(call.args[0]) not in mapping:
         if call.before is None:
@@ -224,7 +338,7 @@ def _run_call(tracer: OpTracer, call: Call, mapping: dict[int, Any]) -> str | No
     kwargs = pytree.tree_map(sub, call.kwargs)
     if call.rng is not None:
         torch.set_rng_state(call.rng)
-    with tracer.calling(frame=call.frame, phase="forward"), restore_autocast(call.autocast), \
+    with tracer.calling(frame=call.frame, phase=phase), restore_autocast(call.autocast), \
             torch.set_grad_enabled(call.grad_enabled):
         out = call.func(*args, **kwargs)
     _remember(mapping, call.out, out)

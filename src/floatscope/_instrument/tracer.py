@@ -43,8 +43,22 @@ from floatscope._numerics.stats import operand_stats
 __all__ = ["OpTracer", "OriginEvent", "ForwardTag", "storage_key"]
 
 _TAG_KEY = "floatscope"
-_EXTERNAL = -1  # lineage of non-finite values nobody traced: tensors made before the trace began
-_INTENDED = -2  # lineage _INTENDED - k: non-finite values written on purpose by intended event k
+# Lineage codes: >= 0 the origin event whose values a tensor holds; _EXTERNAL when unknown; below,
+# even codes -2 - 2k name intended write k (a mask fill, a NaN literal) and odd codes -3 - 2j name
+# source j, a non-finite tensor the trace did not make (a model input, a constant made earlier).
+_EXTERNAL = -1
+
+
+def _intended_code(k: int) -> int:
+    return -2 - 2 * k
+
+
+def _source_code(j: int) -> int:
+    return -3 - 2 * j
+
+
+def _is_intended(code: int) -> bool:
+    return code <= -2 and code % 2 == 0
 _MAX_EVENTS = 64
 _MAX_TAG_WALK = 32
 _NO_CHECK = ops.VIEW | ops.COPY | ops.ALLOC
@@ -145,6 +159,7 @@ class OpTracer:
         self.optimizer = optimizer
         self.events: list[OriginEvent] = []
         self.intended: list[OriginEvent] = []  # writes of NaN/Inf on purpose (masks, placeholders)
+        self.sources: list[tuple[Any, ...]] = []  # non-finite tensors the trace did not make
         self.lineage: dict[tuple[Any, ...], int] = {}
         self.by_storage: dict[tuple[Any, ...], int] = {}  # (device, storage) -> lineage of its last non-finite write
         self.producer: dict[tuple[Any, ...], str] = {}
@@ -268,7 +283,7 @@ class OpTracer:
         in_flags = _nonfinite_flags(inputs)
         # A one-element tensor nobody traced that holds NaN/Inf is a literal (x[i] = nan, torch.tensor(inf)).
         literal = [k for k, (t, (n, i)) in enumerate(zip(inputs, in_flags)) if (n or i) and t.numel() == 1
-                   and self._lineage_of(storage_key(t)) == _EXTERNAL]
+                   and self._lineage_of(storage_key(t)) < 0 and not _is_intended(self._lineage_of(storage_key(t)))]
         if literal:
             scalars += [float(inputs[k].detach().reshape(())) for k in literal]
             inputs = [t for k, t in enumerate(inputs) if k not in literal]
@@ -302,10 +317,11 @@ class OpTracer:
         in_inf = any(i for _, i in in_flags)
         out_nan = any(n for n, _ in out_flags)
         out_inf = any(i for _, i in out_flags)
-        bad_inputs = [(k, self._lineage_of(k)) for k, (n, i) in zip(keys, in_flags) if n or i]
+        bad_inputs = [(k, self._lineage_of(k, register=True)) for k, (n, i) in zip(keys, in_flags) if n or i]
         known = [p for _, p in bad_inputs if p >= 0]
-        meant = [p for _, p in bad_inputs if p <= _INTENDED]
-        parent = min(known) if known else (max(meant) if meant else (_EXTERNAL if bad_inputs else None))
+        meant = [p for _, p in bad_inputs if _is_intended(p)]
+        sources = [p for _, p in bad_inputs if p < 0 and not _is_intended(p)]
+        parent = min(known) if known else (max(meant) if meant else (max(sources) if sources else None))
         # Values written on purpose: a NaN or Inf scalar argument (full(nan), masked_fill(-inf)), or
         # arithmetic on values already at the format's limit (finfo.min masks).
         intended_nan = any(math.isnan(s) for s in scalars)
@@ -313,12 +329,12 @@ class OpTracer:
         would_inf = out_inf and not in_inf
         new_nan = would_nan and not intended_nan
         new_inf = would_inf and not any(math.isinf(s) for s in scalars) and not intended_nan and not _at_limit(before)
-        outside = [k for k, p in bad_inputs if p < 0]
+        outside = [self._source_key(p) for _, p in bad_inputs if p < 0]
         if (new_nan or new_inf) and len(self.events) < _MAX_EVENTS:
             event = self._event(name, "nan" if new_nan else "inf", before, inputs, outputs, out_flags,
                                 parent if parent is not None and parent >= 0 else None, bool(outside) and not known,
                                 scalars, producers)
-            event.external_inputs = outside
+            event.external_inputs = [k for k in outside if k is not None]
             event.producer_zero_inputs = producer_zero
             self.events.append(event)
             if event.backward_node is None and self.current_tag is not None:
@@ -329,7 +345,7 @@ class OpTracer:
                                 bool(outside), scalars, producers)
             event.index = len(self.intended)
             self.intended.append(event)
-            lineage = _INTENDED - event.index
+            lineage = _intended_code(event.index)
         else:
             lineage = parent if parent is not None else _EXTERNAL
         for t, (n, i) in zip(outputs, out_flags):
@@ -341,12 +357,27 @@ class OpTracer:
                 self.lineage.pop(key, None)
         return out
 
-    def _lineage_of(self, key: tuple[Any, ...]) -> int:
-        """The lineage of a non-finite tensor: its own, or that of a write into its storage through a view."""
+    def _lineage_of(self, key: tuple[Any, ...], *, register: bool = False) -> int:
+        """The lineage of a non-finite tensor: its own, or that of a write into its storage through a view.
+
+        With ``register``, a tensor nobody traced becomes a source (so its consumers can be traced to it).
+        """
         found = self.lineage.get(key)
         if found is None:
             found = self.by_storage.get(key[:2], _EXTERNAL)
+        if found == _EXTERNAL and register:
+            found = _source_code(len(self.sources))
+            self.sources.append(key)
+            self.lineage[key] = found
         return found
+
+    def _source_key(self, code: int) -> tuple[Any, ...] | None:
+        """The storage key of the tensor a negative lineage code comes from (an intended write's target)."""
+        if _is_intended(code):
+            return self.intended[(-code - 2) // 2].output_key
+        if code <= -3:
+            return self.sources[(-code - 3) // 2]
+        return None
 
     def _event(self, name: str, kind: str, inputs: list[torch.Tensor], originals: list[torch.Tensor],
                outputs: list[torch.Tensor], out_flags: list[tuple[bool, bool]], parent: int | None,
@@ -431,8 +462,8 @@ class OpTracer:
             lin = self.by_storage.get(key[:2], _EXTERNAL)
         if lin >= 0:
             return "origin", self.root(self.events[lin]), self.events[lin]
-        if lin <= _INTENDED:
-            return "intended", self.intended[_INTENDED - lin], None
+        if _is_intended(lin):
+            return "intended", self.intended[(-lin - 2) // 2], None
         return "external", None, None
 
 
