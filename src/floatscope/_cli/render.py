@@ -61,7 +61,11 @@ def print_result(result: RunResult, out: Any, *, store_path: str | None = None) 
     """The end-of-run summary line, and the incident when there is one."""
     if result.incident is not None:
         print_incident(result.incident, out)
-    colour = {"clean": "green", "nonfinite": "red", "error": "yellow"}[result.status]
+    if result.status == "unwatched":
+        out.print("[yellow]nothing was watched[/]: no model call, torch call, backward() or optimizer step ran "
+                  "under floatscope (is the training in another process or thread?)")
+        return
+    colour = {"clean": "green", "nonfinite": "red", "error": "yellow"}.get(result.status, "yellow")
     scale = f", loss scale {result.loss_scale:g}" if result.loss_scale is not None else ""
     where = f" in {store_path}" if store_path and result.run_id else ""
     out.print(f"[{colour}]{result.status}[/]: {result.steps} steps, {result.skipped_steps} skipped by GradScaler"

@@ -606,13 +606,19 @@ class Watch(CaptureListener):
                                                    module=module)
                 return triage.with_divergence(incident, [v for _, v in sorted(self._step_norms.items()) if _ < step])
             if verdict == "intended":
-                assert event is not None
-                if event.kind == "nan" or serious:
+                assert event is not None and sink is not None
+                written = self._tensor_at(window, event.output_key, result.mapping)
+                direct = written is not None and _same_storage(written, sink, result.mapping)
+                if serious or (event.kind == "nan" and not direct):
+                    # A NaN placeholder that flowed into a computed value, or any intended value in a loss.
+                    stats = operand_stats((written if written is not None else sink).detach())
                     return triage.intended_incident(step=step, event=event, reached=_ROLE_WORDS.get(
-                        subject.role, subject.role), stats=operand_stats(sink.detach()), seconds=seconds)
-                continue  # a mask's -inf, carried where it is meant to be
+                        subject.role, subject.role), stats=stats, seconds=seconds)
+                continue  # a mask's -inf where it is meant to be, or a NaN not used yet
             if verdict == "external":
-                inp = self._bad_input(window, step, nan_only=False)
+                # Inf from a tensor made before this window (a mask built once) is only a failure in a loss
+                # or a gradient; NaN from outside is broken data wherever it shows.
+                inp = self._bad_input(window, step, nan_only=not serious)
                 if inp is not None:
                     return replace(inp, replay_seconds=seconds)
                 if serious:
@@ -751,6 +757,23 @@ class Watch(CaptureListener):
                                              module=module)
         return None
 
+    def _tensor_at(self, window: Window, key: tuple[Any, ...] | None, replayed: dict[int, Any]) -> torch.Tensor | None:
+        """The original tensor of the window whose replayed value lives in the storage of ``key``."""
+        if key is None:
+            return None
+        for event in window.events:
+            if isinstance(event, Pass):
+                tensors = float_leaves((event.args, event.kwargs))
+            elif isinstance(event, Call):
+                tensors = float_leaves((event.out, event.args))
+            else:
+                continue
+            for t in tensors:
+                now = replayed.get(id(t), t)
+                if isinstance(now, torch.Tensor) and _storage(now) == key[1]:
+                    return t
+        return None
+
     def _input_for_keys(self, window: Window, keys: list[tuple[Any, ...]], step: int,
                         replayed: dict[int, Any]) -> Any:
         """The model input (or argument of a call) whose storage holds the non-finite values in ``keys``.
@@ -815,6 +838,18 @@ _ROLE_WORDS = {"output": "a model's output", "call": "a value computed outside t
                "grad": "the gradients", "grad-result": "the gradients torch.autograd.grad returned",
                "param": "the parameters", "update": "a parameter after an in-place update",
                "checked": "a value the script checked", "initial": "the parameters before the first step"}
+
+
+def _storage(t: torch.Tensor) -> int | None:
+    try:
+        return t.untyped_storage().data_ptr()
+    except (RuntimeError, NotImplementedError):
+        return None
+
+
+def _same_storage(original: torch.Tensor, replayed_sink: torch.Tensor, mapping: dict[int, Any]) -> bool:
+    now = mapping.get(id(original), original)
+    return isinstance(now, torch.Tensor) and _storage(now) == _storage(replayed_sink)
 
 
 def _timeline(s: Subject) -> tuple[int, int]:

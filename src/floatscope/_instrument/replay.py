@@ -97,14 +97,16 @@ class Replayer:
             torch.set_rng_state(window.rng)
             if window.cuda_rng is not None:
                 torch.cuda.set_rng_state_all(window.cuda_rng)
+            first_backward = next((i for i, e in enumerate(window.events) if isinstance(e, Backward)), None)
+            update_phase = {id(e) for i, e in enumerate(window.events) if first_backward is not None
+                            and i > first_backward and isinstance(e, Call) and not e.grad_enabled}
             with tracer:
                 for event in [*_prefix(window, history), *events]:
                     if isinstance(event, Pass):
                         _run_pass(tracer, event, mapping)
                     elif isinstance(event, Call):
                         # A call without grad after a backward is part of a hand-written update.
-                        note = _run_call(tracer, event, mapping, "optimizer" if grads and not event.grad_enabled
-                                         else "forward")
+                        note = _run_call(tracer, event, mapping, "optimizer" if id(event) in update_phase else "forward")
                         if note:
                             skipped.append(note)
                             continue

@@ -1,0 +1,623 @@
+"""The fault library, part 2: NaN/Inf born anywhere in a training step, in scripts of every shape.
+
+Loss checks that stop or skip the step, raw-tensor models, manual updates, ``torch.autograd.grad``
+loops, free functions, separately built modules called nested, broken data, broken parameters,
+huge-but-finite updates, several optimizers, closures and exact zeros. Each case asserts the op,
+phase, module, file:line and step found; each has a healthy counterpart that must stay clean.
+Scripts run through ``floatscope run`` (in-process) exactly as a user would run them.
+"""
+
+from __future__ import annotations
+
+import math
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import floatscope
+from conftest import line_of
+from floatscope import NonFiniteError
+from floatscope._cli.run import EXIT_INCIDENT, run_script
+
+
+def run(tmp_path: Path, source: str, name: str = "train.py") -> tuple[int, floatscope.RunResult, Path]:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(source))
+    code, result = run_script(path, [], store=None)
+    return code, result, path
+
+
+def assert_found(result, path, *, op, phase, module, marker, step, category=None, model=None):
+    incident = result.incident
+    assert incident is not None, result
+    file, line = line_of(marker, path)
+    assert (incident.op, incident.phase, incident.module, incident.step) == (op, phase, module, step), \
+        incident.diagnosis()
+    assert (incident.file, incident.line) == (file, line), incident.diagnosis()
+    if category is not None:
+        assert incident.category == category, incident.diagnosis()
+    if model is not None:
+        assert incident.model == model, incident.diagnosis()
+    assert incident.suggestions
+    return incident
+
+
+# --------------------------------------------------------------------------- 1. loss checks that stop or skip
+LOSS_CHECK = """
+    import sys
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(6):
+        x = torch.randn(16, 4)
+        y = torch.randint(0, 3, (16,))
+        probs = torch.softmax(model(x) * (1e4 if step == 3 else 1.0), dim=-1)
+        loss = -torch.log(probs[torch.arange(16), y]).mean()  # MARK:loss
+        CHECK
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+CHECKS = {
+    "sys.exit(0)": "if torch.isnan(loss) or torch.isinf(loss):\n            print('Loss:', loss.item())\n"
+                   "            sys.exit(0)",
+    "break": "if not torch.isfinite(loss):\n            break",
+    "continue": "if torch.isinf(loss).any():\n            continue",
+    "log and go on": "print(f'step {step} loss {loss.item():.4f}')",
+    "math.isfinite": "import math\n        if not math.isfinite(loss.item()):\n            raise SystemExit(0)",
+}
+
+
+@pytest.mark.parametrize("check", list(CHECKS))
+def test_a_loss_the_script_checks_and_acts_on_is_found_before_backward(tmp_path, check):
+    code, result, path = run(tmp_path, LOSS_CHECK.replace("CHECK", CHECKS[check]))
+    assert code == EXIT_INCIDENT and result.status == "nonfinite"
+    incident = assert_found(result, path, op="aten.log.default", phase="forward", module=None,
+                            marker="MARK:loss", step=3, category="underflow")
+    assert "log_softmax" in " ".join(incident.suggestions)
+    assert result.steps == 3  # iterations 0-2 completed
+
+
+def test_a_loop_that_checks_its_finite_loss_stays_clean(tmp_path):
+    source = LOSS_CHECK.replace("* (1e4 if step == 3 else 1.0)", "").replace("CHECK", CHECKS["sys.exit(0)"])
+    code, result, _ = run(tmp_path, source)
+    assert (code, result.status, result.steps) == (0, "clean", 6)
+    assert result.watched["reads"] >= 6
+
+
+# --------------------------------------------------------------------------- 2. raw-tensor models
+RAW_LOGISTIC = """
+    import torch
+    torch.manual_seed(0)
+    X = torch.randn(64, 4) * SCALE
+    y = (X[:, 0] > 0).float().unsqueeze(1)
+    W = torch.randn(4, 1, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    opt = torch.optim.SGD([W, b], lr=1.0)
+    for step in range(50):
+        p = torch.sigmoid(X @ W + b)
+        loss = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()  # MARK:bce
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+
+
+def test_raw_tensor_logistic_regression_names_the_log_line(tmp_path):
+    code, result, path = run(tmp_path, RAW_LOGISTIC.replace("SCALE", "10"))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.log.default", phase="forward", module=None,
+                            marker="MARK:bce", step=1, category="underflow")
+    assert incident.model is None and "binary_cross_entropy_with_logits" in " ".join(incident.suggestions)
+    assert incident.exact
+
+
+def test_raw_tensor_logistic_regression_that_trains_is_clean(tmp_path):
+    code, result, _ = run(tmp_path, RAW_LOGISTIC.replace("SCALE", "1").replace("lr=1.0", "lr=0.5"))
+    assert (code, result.status, result.steps) == (0, "clean", 50)
+    assert result.watched["models"] == 0 and result.watched["calls"] > 0
+
+
+def test_raw_softmax_regression_with_a_manual_cross_entropy(tmp_path):
+    # A textbook softmax regression written with raw tensors, without max subtraction.
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        X = torch.randn(32, 5)
+        y = torch.randint(0, 3, (32,))
+        W = torch.randn(5, 3, requires_grad=True)
+        opt = torch.optim.SGD([W], lr=0.1)
+        for step in range(4):
+            logits = X @ W * (100.0 if step == 2 else 1.0)
+            e = torch.exp(logits)  # MARK:exp
+            p = e / e.sum(dim=1, keepdim=True)
+            loss = -torch.log(p[torch.arange(32), y]).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.exp.default", phase="forward", module=None, marker="MARK:exp", step=2,
+                 category="overflow")
+
+
+# --------------------------------------------------------------------------- 3. no torch.optim
+MANUAL_POLY = """
+    import torch
+    torch.manual_seed(0)
+    x = torch.linspace(-3, 3, 200).unsqueeze(1)
+    y = torch.sin(x)
+    a, b, c, d = (torch.randn((), requires_grad=True) for _ in range(4))
+    for t in range(STEPS):
+        y_pred = a + b * x + c * x ** 2 + d * x ** 3
+        loss = (y_pred - y).pow(2).sum()  # MARK:poly-loss
+        loss.backward()
+        with torch.no_grad():
+            for p in (a, b, c, d):
+                p -= LR * p.grad  # MARK:update
+                p.grad = None
+"""
+
+
+def _first_nonfinite_poly_step(lr: float, steps: int) -> int | None:
+    torch.manual_seed(0)
+    x = torch.linspace(-3, 3, 200).unsqueeze(1)
+    y = torch.sin(x)
+    a, b, c, d = (torch.randn((), requires_grad=True) for _ in range(4))
+    for t in range(steps):
+        loss = (a + b * x + c * x ** 2 + d * x ** 3 - y).pow(2).sum()
+        if not torch.isfinite(loss):
+            return t
+        loss.backward()
+        with torch.no_grad():
+            for p in (a, b, c, d):
+                p -= lr * p.grad
+                p.grad = None
+    return None
+
+
+def test_manual_updates_count_iterations_and_find_the_diverging_step(tmp_path):
+    oracle = _first_nonfinite_poly_step(0.1, 40)
+    assert oracle is not None and oracle > 2
+    code, result, path = run(tmp_path, MANUAL_POLY.replace("STEPS", "40").replace("LR", "0.1"))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.pow.Tensor_Scalar", phase="forward", module=None,
+                            marker="MARK:poly-loss", step=oracle, category="overflow")
+    assert "diverging" in incident.explanation
+    assert result.watched["manual_updates"] == 4 * oracle
+
+
+def test_manual_updates_that_train_are_clean_and_counted(tmp_path):
+    code, result, _ = run(tmp_path, MANUAL_POLY.replace("STEPS", "30").replace("LR", "1e-5"))
+    assert (code, result.status, result.steps) == (0, "clean", 30)
+    assert result.watched["optimizer_steps"] == 0 and result.watched["manual_updates"] == 120
+
+
+def test_a_manual_update_that_makes_the_nan_is_the_optimizer_phase(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        W = torch.randn(3, 3, requires_grad=True)
+        x = torch.randn(8, 3)
+        for step in range(4):
+            loss = (x @ W).relu().sum() * (0.0 if step == 2 else 1.0)
+            loss.backward()
+            with torch.no_grad():
+                W -= 0.1 * W.grad / W.grad.norm()  # MARK:normalised-update
+                W.grad.zero_()
+    """)
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.div.Tensor", phase="optimizer", module=None,
+                 marker="MARK:normalised-update", step=2, category="invalid")
+
+
+def test_an_autograd_grad_loop_without_optimizer(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        def energy(z):
+            return (z ** 2).sum() + torch.log(z.abs().sum() - 10.0)  # MARK:energy
+        z = torch.full((4,), 3.0, requires_grad=True)
+        for i in range(50):
+            g, = torch.autograd.grad(energy(z), z)
+            z = (z - 0.05 * g).detach().requires_grad_()
+    """)
+    z = torch.full((4,), 3.0, requires_grad=True)  # oracle: the first iteration whose energy is NaN
+    oracle = None
+    for i in range(50):
+        e = (z ** 2).sum() + torch.log(z.abs().sum() - 10.0)
+        if torch.isnan(e):
+            oracle = i
+            break
+        g, = torch.autograd.grad(e, z)
+        z = (z - 0.05 * g).detach().requires_grad_()
+    assert oracle is not None
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.log.default", phase="forward", module=None,
+                            marker="MARK:energy", step=oracle, category="invalid")
+    assert "negative" in incident.explanation
+
+
+def test_a_free_function_called_outside_forward(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        def attention(q, k, v, temperature):
+            scores = q @ k.transpose(-2, -1) / temperature
+            return torch.exp(scores) @ v  # MARK:free-exp
+        torch.manual_seed(0)
+        proj = torch.nn.Linear(8, 24)
+        opt = torch.optim.Adam(proj.parameters(), lr=1e-3)
+        for step in range(4):
+            q, k, v = proj(torch.randn(2, 5, 8)).chunk(3, dim=-1)
+            out = attention(q, k, v, 1e-3 if step == 1 else 1.0)
+            loss = out.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.exp.default", phase="forward", module=None, marker="MARK:free-exp", step=1,
+                 category="overflow")
+
+
+# --------------------------------------------------------------------------- 4. nested, separately built modules
+NESTED = """
+    import torch
+    class AttnPool(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.score = torch.nn.Linear(d, 1)
+        def forward(self, x, mask):
+            s = self.score(x).squeeze(-1).masked_fill(~mask, float("-inf"))
+            w = torch.softmax(s, dim=-1)  # MARK:softmax
+            return (w.unsqueeze(-1) * x).sum(1)
+    torch.manual_seed(0)
+    pool = AttnPool(8)
+    head = torch.nn.Linear(8, 2)
+    opt = torch.optim.Adam(list(pool.parameters()) + list(head.parameters()), lr=1e-3)
+    for step in range(5):
+        x = torch.randn(4, 6, 8)
+        mask = torch.ones(4, 6, dtype=torch.bool)
+        mask[0, 4:] = False  # ordinary padding: never blamed
+        if step == 2 and BUG:
+            mask[1] = False  # a sample that is all padding
+        out = head(pool(x, mask))
+        loss = torch.nn.functional.cross_entropy(out, torch.randint(0, 2, (4,)))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+
+
+def test_nested_modules_blame_the_inner_softmax_not_the_outer_input(tmp_path):
+    code, result, path = run(tmp_path, NESTED.replace("BUG", "True"))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten._softmax.default", phase="forward", module="",
+                            marker="MARK:softmax", step=2, category="invalid", model="AttnPool")
+    assert "mask" in incident.explanation
+
+
+def test_nested_modules_with_ordinary_padding_are_clean(tmp_path):
+    code, result, _ = run(tmp_path, NESTED.replace("BUG", "False"))
+    assert (code, result.status, result.steps) == (0, "clean", 5)
+    assert result.watched["models"] == 2
+
+
+# --------------------------------------------------------------------------- 5. broken data
+def test_an_inf_in_the_batch_that_a_linear_turns_into_nan_is_the_input():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(NonFiniteError) as info:
+        with floatscope.watch(model, opt, store=None):
+            for step in range(4):
+                x = torch.randn(8, 4)
+                if step == 2:
+                    x[3, 1] = float("inf")
+                loss = model(x).pow(2).mean()  # MARK:inf-batch
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    incident = info.value.incident
+    assert (incident.op, incident.phase, incident.category, incident.step) == ("<input>", "forward", "input", 2)
+    assert (incident.file, incident.line) == line_of("MARK:inf-batch")
+    assert incident.operands[0].inf == 1 and incident.operands[0].shape == [8, 4]
+    assert "module '2'" in incident.explanation  # where the Inf became NaN
+
+
+def test_a_batch_from_a_dataloader_with_nan_is_the_input(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        data = torch.randn(64, 4)
+        data[37, 2] = float("nan")  # a missing value in the dataset
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(data, torch.randn(64, 1)),
+                                             batch_size=16)
+        model = torch.nn.Linear(4, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for x, y in loader:
+            loss = ((model(x) - y) ** 2).mean()  # MARK:loader-batch
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="<input>", phase="forward", module="", marker="MARK:loader-batch",
+                            step=2, category="input")
+    assert incident.operands[0].nan == 1
+
+
+# --------------------------------------------------------------------------- 6. broken parameters
+def test_a_nan_parameter_from_a_checkpoint_is_named_before_the_first_step():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    with torch.no_grad():
+        model[2].weight[0, 3] = float("nan")  # a corrupt checkpoint, loaded before watching
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(NonFiniteError) as info:
+        with floatscope.watch(model, opt, store=None):
+            for _ in range(3):
+                loss = model(torch.randn(8, 4)).pow(2).mean()  # MARK:first-use
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    incident = info.value.incident
+    assert (incident.op, incident.category, incident.param, incident.module, incident.step) == (
+        "<parameter>", "parameter", "2.weight", "2", 0)
+    assert (incident.file, incident.line) == line_of("MARK:first-use")
+    assert incident.operands[0].nan == 1 and "checkpoint" in " ".join(incident.suggestions)
+
+
+def test_a_checkpoint_loaded_with_nan_inside_the_script_names_the_load(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        state = model.state_dict()
+        state["2.weight"][0, 3] = float("nan")
+        model.load_state_dict(state)  # MARK:load
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(4):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="<parameter>", phase="forward", module="2", marker="MARK:load",
+                            step=0, category="parameter")
+    assert incident.param == "2.weight"
+
+
+# --------------------------------------------------------------------------- 7. huge but finite updates
+def test_a_huge_finite_update_is_not_an_optimizer_incident_the_next_forward_is():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(NonFiniteError) as info:
+        with floatscope.watch(model, opt, store=None):
+            for step in range(5):
+                x = torch.randn(8, 4)
+                if step == 1:
+                    x[0] = 1e18  # gradients ~4e34: finite, but their L2 norm overflows float32
+                loss = model(x).pow(2).mean()  # MARK:huge
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step == 1:
+                    assert all(torch.isfinite(p).all() for p in model.parameters())
+                    assert max(float(p.abs().max()) for p in model.parameters()) > 1e33
+    incident = info.value.incident
+    assert (incident.op, incident.phase, incident.module, incident.step, incident.category) == (
+        "aten.addmm.default", "forward", "2", 2, "overflow")
+    assert (incident.file, incident.line) == line_of("MARK:huge")
+
+
+# --------------------------------------------------------------------------- 8. several optimizers
+GAN = """
+    import torch
+    torch.manual_seed(0)
+    G = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    D = torch.nn.Sequential(torch.nn.Linear(2, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    opt_g = torch.optim.Adam(G.parameters(), lr=1e-3)
+    opt_d = torch.optim.Adam(D.parameters(), lr=1e-3)
+    for it in range(10):
+        real = torch.randn(32, 2)
+        fake = G(torch.randn(32, 4))
+        d_loss = -(torch.log(torch.sigmoid(D(real))) + torch.log(1 - torch.sigmoid(D(fake.detach())))).mean()
+        opt_d.zero_grad()
+        d_loss.backward()
+        opt_d.step()
+        scale = 1e4 if it == BUG_AT else 1.0
+        g_loss = -torch.log(torch.sigmoid(-D(fake).abs() * scale)).mean()  # MARK:gloss
+        opt_g.zero_grad()
+        g_loss.backward()
+        opt_g.step()
+"""
+
+
+def test_a_gan_bug_at_iteration_7_is_reported_at_step_7(tmp_path):
+    code, result, path = run(tmp_path, GAN.replace("BUG_AT", "7"))
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.log.default", phase="forward", module=None, marker="MARK:gloss", step=7,
+                 category="underflow")
+
+
+def test_a_gan_counts_one_step_per_iteration(tmp_path):
+    code, result, _ = run(tmp_path, GAN.replace("BUG_AT", "-1"))
+    assert (code, result.status, result.steps) == (0, "clean", 10)
+    assert result.watched["optimizer_steps"] == 20
+
+
+ACCUMULATION = """
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for step in range(5):
+        opt.zero_grad()
+        for micro in range(4):
+            x = torch.randn(8, 4)
+            out = model(x)
+            if step == 3 and micro == 2 and BUG:
+                out = out * torch.tensor(float("inf"))
+            loss = torch.log(out.pow(2).mean()) / 4  # MARK:micro-loss
+            loss.backward()
+        opt.step()
+"""
+
+
+def test_gradient_accumulation_counts_one_step_per_optimizer_step(tmp_path):
+    code, result, _ = run(tmp_path, ACCUMULATION.replace("BUG", "False"))
+    assert (code, result.status, result.steps) == (0, "clean", 5)
+    assert result.watched["backward"] == 20 and result.watched["model_calls"] == 20
+
+
+def test_a_nan_in_micro_batch_3_of_step_3_is_step_3(tmp_path):
+    code, result, path = run(tmp_path, ACCUMULATION.replace("BUG", "True"))
+    assert code == EXIT_INCIDENT
+    incident = result.incident
+    assert (incident.step, incident.phase, incident.category) == (3, "forward", "input")
+    assert (incident.file, incident.line) == line_of("out = out * torch.tensor", path)
+
+
+LBFGS = """
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), lr=0.5, max_iter=5)
+    x = torch.randn(32, 3)
+    y = x.sum(1, keepdim=True)
+    for step in range(6):
+        def closure():
+            opt.zero_grad()
+            loss = ((model(x) - y) ** 2).mean() + (torch.log(torch.zeros(())) if step == BUG_AT else 0.0)  # MARK:closure
+            loss.backward()
+            return loss
+        opt.step(closure)
+"""
+
+
+def test_a_closure_optimizer_names_the_loss_line_not_the_step(tmp_path):
+    code, result, path = run(tmp_path, LBFGS.replace("BUG_AT", "3"))
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.log.default", phase="forward", module=None, marker="MARK:closure", step=3,
+                 category="division-by-zero")
+
+
+def test_an_lbfgs_step_and_its_closure_calls_are_one_iteration(tmp_path):
+    code, result, _ = run(tmp_path, LBFGS.replace("BUG_AT", "-1"))
+    assert (code, result.status, result.steps) == (0, "clean", 6)
+    assert result.watched["backward"] > 6  # LBFGS calls the closure several times per step
+
+
+# --------------------------------------------------------------------------- 10. exact zeros
+def test_log_of_an_exact_zero_product_is_a_division_by_zero_not_an_underflow(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 2)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(4):
+            p = torch.softmax(model(torch.randn(8, 4)), -1)
+            keep = torch.ones(8, 2) if step < 2 else torch.zeros(8, 2)
+            loss = -torch.log(p * keep).mean()  # MARK:log-zero
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.log.default", phase="forward", module=None,
+                            marker="MARK:log-zero", step=2, category="division-by-zero")
+    assert "exact zero" in incident.explanation and "underflow" not in incident.explanation
+
+
+def test_a_product_of_probabilities_that_underflows_is_still_underflow():
+    torch.manual_seed(0)
+    p = torch.rand(2, 400) * 0.5 + 0.1
+
+    def fn():
+        return torch.log(p.prod(dim=-1))  # MARK:prod-underflow
+
+    incident = floatscope.locate(fn)
+    assert incident.category == "underflow" and (incident.file, incident.line) == line_of("MARK:prod-underflow")
+
+
+# --------------------------------------------------------------------------- healthy counterparts
+def test_masks_outside_modules_are_not_incidents(tmp_path):
+    code, result, _ = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        proj = torch.nn.Linear(8, 24)
+        opt = torch.optim.SGD(proj.parameters(), lr=0.01)
+        T = 6
+        causal = torch.full((T, T), float("-inf")).triu(1)  # an additive -inf mask, made on purpose
+        for step in range(5):
+            q, k, v = proj(torch.randn(2, T, 8)).chunk(3, dim=-1)
+            scores = q @ k.transpose(-2, -1) + causal
+            pad = torch.zeros(2, T, dtype=torch.bool)
+            pad[0, 4:] = True
+            scores = scores.masked_fill(pad[:, None, :], torch.finfo(scores.dtype).min)
+            attn = torch.softmax(scores, dim=-1)
+            print("masked scores min", scores.min().item(), "isinf", torch.isinf(scores).any().item())
+            loss = (attn @ v).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert (code, result.status, result.steps) == (0, "clean", 5)
+
+
+def test_an_intended_infinity_that_reaches_the_loss_is_an_incident(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(3):
+            scores = model(torch.randn(5, 4))
+            if step == 1:
+                scores = scores.masked_fill(scores > 0, float("-inf"))  # MARK:mask-fill
+            loss = scores.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = result.incident
+    assert (incident.step, incident.category, incident.phase) == (1, "input", "forward")
+    assert (incident.file, incident.line) == line_of("MARK:mask-fill", path)
+
+
+# --------------------------------------------------------------------------- what was watched
+def test_a_script_with_nothing_to_watch_says_so(tmp_path, capsys):
+    from floatscope._cli.main import main
+
+    (tmp_path / "plain.py").write_text("print(sum(range(10)))\n")
+    code = main(["run", "--no-store", "--json", str(tmp_path / "r.json"), str(tmp_path / "plain.py")])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert "nothing was watched" in err and "clean" not in err
+    import json
+
+    data = json.loads((tmp_path / "r.json").read_text())
+    assert data["status"] == "unwatched" and data["watched"]["calls"] == 0
+
+
+def test_a_float_read_of_an_overflowed_loss_is_found_at_its_origin(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        w = torch.ones(3, requires_grad=True)
+        for step in range(3):
+            loss = (w * (1e30 if step == 1 else 1.0)).pow(2).sum()  # MARK:overflow-loss
+            print("loss", float(loss))
+            loss.backward()
+            with torch.no_grad():
+                w -= 0.01 * w.grad
+                w.grad = None
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.pow.Tensor_Scalar", phase="forward", module=None,
+                            marker="MARK:overflow-loss", step=1, category="overflow")
+    assert "read" in (incident.consequence or "")
