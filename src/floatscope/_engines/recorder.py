@@ -17,7 +17,7 @@ import torch
 from floatscope._engines.repro import last_seeding
 from floatscope._instrument.autocast import autocast_state
 from floatscope._instrument.channel import Payload
-from floatscope._instrument.health import FLUSH_SCALES, PARAM_FIELDS, activation_row
+from floatscope._instrument.health import ACTIVATION_RECORD, FLUSH_SCALES, PARAM_FIELDS, activation_values
 from floatscope._numerics.formats import dtype_name
 from floatscope._store.env import environment
 from floatscope._store.sqlite import RunStore
@@ -157,10 +157,12 @@ class RunRecorder:
                 self._param(step, name)["update_norm"] = v
         elif kind == "activations":
             step, rows = meta
-            width = len(values) // max(1, len(rows))
-            health_rows = [(name, "activation", activation_row(name, dtype, values[width * i:width * (i + 1)], type_))
-                           for i, (name, dtype, type_) in enumerate(rows)]
-            self.store.add_health(self.run_id, step, health_rows)
+            layers = {}
+            position = 0
+            for name, dtype, type_, width in rows:
+                layers[name] = activation_values(dtype, values[position:position + width], type_)
+                position += width
+            self.store.add_health(self.run_id, step, "activation", list(ACTIVATION_RECORD), layers)
 
     def _param(self, step: int, name: str) -> dict[str, Any]:
         return self._params.setdefault(step, {}).setdefault(name, {})
@@ -223,15 +225,16 @@ class RunRecorder:
                 store.update_config(run_id, {"fingerprint_params": list(self.fp_names)})
                 self._fp_written = len(self.fp_names)
             store.add_fingerprint(run_id, step, kind, [values.get(n, math.nan) for n in self.fp_names])
+        fields = (*PARAM_FIELDS, "update_ratio")
         for step in sorted(s for s in self._params if before is None or s < before):
             params = self._params.pop(step)
-            rows = []
+            layers = {}
             for name, data in params.items():
                 if "update_norm" in data and data.get("weight_norm"):
                     data["update_ratio"] = data["update_norm"] / data["weight_norm"]
-                rows.append((name, "param", {k: data.get(k) for k in (*PARAM_FIELDS, "update_ratio")}))
-            if rows:
-                store.add_health(run_id, step, rows)
+                layers[name] = [data.get(k) for k in fields]
+            if layers:
+                store.add_health(run_id, step, "param", list(fields), layers)
         store.update_progress(run_id, steps=steps, skipped_steps=skipped)
 
     def finish(self, *, status: str, steps: int, skipped: int, result: dict[str, Any]) -> None:

@@ -39,7 +39,7 @@ from floatscope._errors import NonFiniteError, UsageError
 from floatscope._events import UNKNOWN_FRAME, UserFrame
 from floatscope._engines.recorder import RunRecorder
 from floatscope._instrument.capture import Backward, Call, CaptureListener, Pass, StepCapture, Update, Window
-from floatscope._instrument.channel import Payload, Reading, StepChannel, Subject, SyncPolicy
+from floatscope._instrument.channel import Group, Payload, Reading, StepChannel, Subject, SyncPolicy
 from floatscope._instrument.frames import frame_from, name_in_frame, user_frame_object, user_stacklevel
 from floatscope._instrument import ops as kinds
 from floatscope._instrument.health import HealthSampler
@@ -59,6 +59,8 @@ OnAnomaly = Literal["raise", "warn", "record"]
 # benchmarks/overhead.py (see the README's figures).
 DEFAULT_HEALTH_EVERY = 50
 _RECENT_NORMS = 16
+_STRIDED = torch.strided
+_EARLY_WEIGHTS = 3
 
 
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -188,7 +190,7 @@ class Watch(CaptureListener):
         self._windows: dict[int, Window] = {}
         self._snapshots: dict[int, OptimizerSnapshot] = {}
         self._labels: dict[int, str] = {}
-        self._optimizer_names: dict[int, list[tuple[str, torch.Tensor]]] = {}
+        self._optimizer_names: dict[int, tuple[tuple[int, ...], list[tuple[str, torch.Tensor]]]] = {}
         self._configured: set[int] = set()
         self._step_norms: dict[int, float] = {}
         self._scales: list[float] = []
@@ -299,9 +301,9 @@ class Watch(CaptureListener):
         if self._health.attached:
             rows = self._health.take_activations()
             if rows:
-                values = torch.stack([v.to(rows[0][3].device) for *_, v in rows])
+                values = torch.cat([v.to(rows[0][3].device) for *_, v in rows])
                 self._channel.record(Payload("activations", values, (self._capture.window.iteration,
-                                                                     [(n, d, t) for n, d, t, _ in rows])))
+                                                                     [(n, d, t, v.numel()) for n, d, t, v in rows])))
 
     @_guarded
     def leaves_added(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
@@ -325,14 +327,12 @@ class Watch(CaptureListener):
                 self._configured.add(id(optimizer))
                 self._recorder.optimizer(optimizer, self._probe.last_scaler or self._scaler)
             named = self._named_params(optimizer)
-            grads = [(n, p.grad) for n, p in named if p.grad is not None and not p.grad.is_sparse
-                     and p.grad.is_floating_point()]
+            grads = [(n, g) for n, g in ((n, p.grad) for n, p in named) if g is not None and g.layout == _STRIDED]
             self._capture.grads_pending = None
             self._queue_grads(window, grads, step)
-            if self._recorder.enabled and reason == "step":
-                for n, p in named:
-                    if p.is_floating_point():
-                        self._channel.check(Subject("param", p, name=n, order=-1, window=window.index, step=step - 1))
+            if self._recorder.enabled and reason == "step" and self._weights_due(step - 1):
+                self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
+                                          window=window.index, step=step - 1))
             if reason == "step" and self._health.is_sampling(step) and self._health.every:
                 with_grad = [(n, p) for n, p in named if p.grad is not None and not p.grad.is_sparse]
                 scaler = self._probe.last_scaler
@@ -341,7 +341,10 @@ class Watch(CaptureListener):
                     isinstance(e, Pass) and any(d == torch.float16 for _, on, d in e.autocast if on)
                     for e in window.events))
                 flush = self._health.before_step([p for _, p in with_grad], scale, fp16)
-                self._health_params = (step, [n for n, _ in with_grad], [p for _, p in with_grad])
+                # Update norms (the update/weight ratio) for weight matrices, the layers that finding reads.
+                matrices = [(n, p) for n, p in with_grad if p.dim() >= 2]
+                self._health.snapshot([p for _, p in matrices])
+                self._health_params = (step, [n for n, _ in matrices], [p for _, p in matrices])
                 if flush is not None:
                     scale_value = self._scales[-1] if scale is not None and self._scales else (
                         None if scale is not None else 1.0)
@@ -381,10 +384,10 @@ class Watch(CaptureListener):
         window = self._capture.window
         self._queue_window(window)
         named = self._named_params(optimizer)
-        grads = [(n, p.grad) for n, p in named if p.grad is not None and not p.grad.is_sparse]
+        grads = [(n, g) for n, g in ((n, p.grad) for n, p in named) if g is not None and g.layout == _STRIDED]
         self._capture.grads_pending = None
-        subjects = self._queue_grads(window, grads, window.iteration)
-        self._skipped_window = (window, subjects)
+        group = self._queue_grads(window, grads, window.iteration)
+        self._skipped_window = (window, [group.subject(i) for i in range(len(group.tensors))] if group else [])
         self._recorder.step(window.iteration, loss=None, grad_norm=None, loss_scale=None, skipped=True)
         self._read(self._channel.transfer(), skipped=True)
 
@@ -430,9 +433,9 @@ class Watch(CaptureListener):
         # The weights after the last update (their fingerprint, and whether that update broke them).
         step = capture.clock.index if capture.clock.optimizer_mode else -1
         for optimizer in self._seen_optimizers.values():
-            for n, p in self._named_params(optimizer):
-                if p.is_floating_point():
-                    self._channel.check(Subject("param", p, name=n, order=-1, window=window.index, step=step))
+            named = self._named_params(optimizer)
+            self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
+                                      window=window.index, step=step))
         self._queue_scale(window.iteration)
         self._read(self._channel.transfer(blocking=True))
 
@@ -452,13 +455,14 @@ class Watch(CaptureListener):
             self._channel.record(Payload("loss", values, window.iteration))
         self._windows[window.index] = window
 
-    def _queue_grads(self, window: Window, grads: list[tuple[str, torch.Tensor]], step: int) -> list[Subject]:
-        subjects = [Subject("grad", g, name=n, order=len(window.events), window=window.index, step=step)
-                    for n, g in grads]
-        for s in subjects:
-            self._channel.check(s)
+    def _queue_grads(self, window: Window, grads: list[tuple[str, torch.Tensor]], step: int) -> Group | None:
         self._windows[window.index] = window
-        return subjects
+        if not grads:
+            return None
+        group = Group("grad", [g for _, g in grads], [n for n, _ in grads], order=len(window.events),
+                      window=window.index, step=step)
+        self._channel.check(group)
+        return group
 
     def _queue_scale(self, step: int) -> None:
         scaler = self._probe.last_scaler
@@ -466,13 +470,23 @@ class Watch(CaptureListener):
         if isinstance(scale, torch.Tensor) and scaler.is_enabled():
             self._channel.record(Payload("scale", scale.reshape(()), step))
 
+    def _weights_due(self, step: int) -> bool:
+        """Weight fingerprints (after the update of ``step``) for the first steps and every sampled step.
+
+        Gradient fingerprints are taken every step; weights, a second norm per parameter, only where
+        ``diff`` needs them most (the first steps, where configuration differences show) and on
+        health-sampling steps, which keeps the fixed cost per step to one norm per gradient.
+        """
+        return 0 <= step < _EARLY_WEIGHTS or self._health.is_sampling(step)
+
     def _named_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
-        """(name, parameter) of an optimizer's parameters, cached while its param groups stay the same."""
-        params = [p for g in optimizer.param_groups for p in g["params"] if isinstance(p, torch.Tensor)]
+        """(name, parameter) of an optimizer's float parameters, cached while its param groups keep their sizes."""
+        sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
         cached = self._optimizer_names.get(id(optimizer))
-        if cached is not None and len(cached) == len(params) and all(a is b for (_, a), b in zip(cached, params,
-                                                                                                 strict=True)):
-            return cached
+        if cached is not None and cached[0] == sizes:
+            return cached[1]
+        params = [p for g in optimizer.param_groups for p in g["params"]
+                  if isinstance(p, torch.Tensor) and p.is_floating_point()]
         leaves = self._capture.leaves
         named = []
         for i, p in enumerate(params):
@@ -481,7 +495,7 @@ class Watch(CaptureListener):
                 leaves.add_raw(p, None, name=f"param_groups[{_group_of(optimizer, p)}][{i}]")
                 name = leaves.name(p) or ""
             named.append((name, p))
-        self._optimizer_names[id(optimizer)] = named
+        self._optimizer_names[id(optimizer)] = (sizes, named)
         return named
 
     # ================================================================== reading
@@ -490,15 +504,11 @@ class Watch(CaptureListener):
         for reading in readings:
             grads: dict[int, tuple[list[str], list[float]]] = {}
             weights: dict[int, tuple[list[str], list[float]]] = {}
-            for s, norm in zip(reading.subjects, reading.norms, strict=True):
-                if s.role == "grad":
-                    names, values = grads.setdefault(s.step, ([], []))
-                elif s.role == "param":
-                    names, values = weights.setdefault(s.step, ([], []))
-                else:
-                    continue
-                names.append(s.name or "")
-                values.append(norm)
+            for entry, norms in reading.groups:
+                if isinstance(entry, Group) and entry.names is not None and entry.role in ("grad", "param"):
+                    names, values = (grads if entry.role == "grad" else weights).setdefault(entry.step, ([], []))
+                    names.extend(entry.names)
+                    values.extend(norms)
             for step, (names, values) in grads.items():
                 sampled = self._health.is_sampling(step) and bool(self._health.every)
                 recorder.fingerprint(step, "grad", names, values, health=sampled)
@@ -532,7 +542,7 @@ class Watch(CaptureListener):
             del self._windows[index]
 
     def _in_flight(self, window_index: int) -> bool:
-        return any(s.window == window_index for flight in self._channel.in_flight for s in flight.subjects)
+        return any(e.window == window_index for flight in self._channel.in_flight for e in flight.entries)
 
     # ================================================================== triage
     def _triage(self, bad: list[Subject]) -> None:

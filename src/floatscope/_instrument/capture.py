@@ -381,6 +381,9 @@ _RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "r
            "dropout3d", "feature_alpha_dropout", "rrelu", "gumbel_softmax"}
 
 
+_IS_RANDOM: dict[Any, bool] = {}
+
+
 class _StepMode(TorchFunctionMode):
     """The capture's function mode; see the module docstring."""
 
@@ -393,6 +396,11 @@ class _StepMode(TorchFunctionMode):
         if kind is None:
             kind = _classify(func)
         if kind == _PASS:
+            return func(*args, **(kwargs or {}))
+        if kind == _GRAD_SET:  # zero_grad sets every .grad: keep this path short
+            capture = self.capture
+            if capture.grads_pending is not None and not (capture.quiet or capture.suspended or capture.depth):
+                capture.listener.before_grads_cleared()
             return func(*args, **(kwargs or {}))
         return self.capture.on_call(kind, func, args, kwargs or {})
 
@@ -418,6 +426,7 @@ class StepCapture:
         self.listener = listener
         self.models = list(models)
         self.optimizers = {id(o) for o in optimizers}
+        self._given_optimizers = list(optimizers)
         self.global_mode = not self.models
         self.clock = IterationClock()
         self.param_writes = 0          # a clock of parameter writes
@@ -441,8 +450,10 @@ class StepCapture:
         self._hooks = HookSet()
         self._has_params: dict[int, bool] = {}
         self._called: set[int] = set()  # roots called at least once
+        self._zero_grad_wrapped: set[int] = set()
         self._mode_popped = False
         self.step_calls = 0
+        self._ids: dict[int, tuple[tuple[int, ...], list[int]]] = {}
 
     # ------------------------------------------------------------------ install / remove
     def install(self) -> None:
@@ -455,6 +466,9 @@ class StepCapture:
                 self.add_root(m)
                 hooks.add(m.register_forward_pre_hook(self._root_pre, with_kwargs=True))
                 hooks.add(m.register_forward_hook(self._root_post, always_call=True))
+                self.wrap_zero_grad(m)
+        for optimizer in self._given_optimizers:
+            self.wrap_zero_grad(optimizer)
         hooks.add(register_optimizer_step_pre_hook(self._pre_step))
         hooks.add(register_optimizer_step_post_hook(self._post_step))
         hooks.enter(self.mode)
@@ -551,6 +565,7 @@ class StepCapture:
         if first:
             self._called.add(id(module))
             self.add_root(module)
+            self.wrap_zero_grad(module)
         grad = torch.is_grad_enabled()
         if self.window.passes and not grad:
             self.clock.inference_call()  # under no_grad: a model call that trains nothing is an iteration
@@ -584,12 +599,35 @@ class StepCapture:
     def _watched(self, optimizer: torch.optim.Optimizer) -> bool:
         return not self.optimizers or id(optimizer) in self.optimizers
 
+    def wrap_zero_grad(self, owner: torch.optim.Optimizer | torch.nn.Module) -> None:
+        """Run ``owner.zero_grad`` (an instance patch, undone on exit) outside the function mode.
+
+        ``zero_grad`` reads and sets every parameter's ``.grad``; through the mode that is two Python
+        calls per parameter. Gradients a backward wrote and nobody checked yet are checked first.
+        """
+        if id(owner) in self._zero_grad_wrapped or "zero_grad" in vars(owner):
+            return
+        self._zero_grad_wrapped.add(id(owner))
+        original = owner.zero_grad
+        capture = self
+
+        def zero_grad(*args: Any, **kwargs: Any) -> Any:
+            if capture.grads_pending is not None and not (capture.quiet or capture.suspended or capture.depth):
+                with capture.own():
+                    capture.listener.before_grads_cleared()
+            with capture.own():
+                return original(*args, **kwargs)
+
+        self._hooks.patch(owner, "zero_grad", zero_grad)
+
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Any:
         if self.suspended:
             return None
         self.step_calls += 1
         if self.in_optimizer and not self._in_closure:
             self._after_failed_step()
+        if self._watched(optimizer):
+            self.wrap_zero_grad(optimizer)
         with self.own():
             self._end_update_group()
             if self._watched(optimizer):
@@ -615,18 +653,27 @@ class StepCapture:
         self.in_optimizer = max(0, self.in_optimizer - 1)
         self.clock.in_step = False
         self._push()
-        if self._watched(optimizer):
-            self.clock.step_done()
+        if not self._watched(optimizer):
+            return
+        self.clock.step_done()
         iteration = self.clock.index
         self.param_writes += 1
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                self.last_writer[id(p)] = ("optimizer", iteration, optimizer)
-                self.written_at[id(p)] = self.param_writes
+        writer = ("optimizer", iteration, optimizer)
+        for key in self._param_ids(optimizer):
+            self.last_writer[key] = writer
+            self.written_at[key] = self.param_writes
         with self.own():
-            if self._watched(optimizer):
-                self.listener.after_update("step", optimizer, [])
+            self.listener.after_update("step", optimizer, [])
             self.new_window()
+
+    def _param_ids(self, optimizer: torch.optim.Optimizer) -> list[int]:
+        """ids of an optimizer's parameters, cached while its param groups keep their sizes."""
+        sizes = tuple(len(g["params"]) for g in optimizer.param_groups)
+        cached = self._ids.get(id(optimizer))
+        if cached is None or cached[0] != sizes:
+            cached = (sizes, [id(p) for g in optimizer.param_groups for p in g["params"]])
+            self._ids[id(optimizer)] = cached
+        return cached[1]
 
     def _after_failed_step(self) -> None:
         """An optimizer step raised (its post-hook never ran): leave the optimizer state."""
@@ -681,10 +728,6 @@ class StepCapture:
     def on_call(self, kind: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if self.quiet or self.suspended or self.depth or self.in_optimizer or self.in_backward:
             return func(*args, **kwargs)
-        if kind == _GRAD_SET:
-            if self.grads_pending is not None:
-                self.listener.before_grads_cleared()
-            return func(*args, **kwargs)
         if kind == _ENTER:
             out = func(*args, **kwargs)
             if args and isinstance(args[0], str) and args[0].startswith("enumerate(DataLoader)"):
@@ -736,8 +779,14 @@ class StepCapture:
                 hits = [(t, leaf) for t, leaf in found if leaf is not None]
                 if hits and not grad:
                     return self._manual_update(func, args, kwargs, [t for t, _ in hits], [leaf[1] for _, leaf in hits])
-        name = getattr(func, "__name__", "")
-        if name in _RANDOM:
+        random = _IS_RANDOM.get(func)
+        if random is None:
+            random = getattr(func, "__name__", "") in _RANDOM
+            try:
+                _IS_RANDOM[func] = random
+            except TypeError:
+                pass
+        if random:
             rng = torch.get_rng_state()
         frame = self._frame()
         out = func(*args, **kwargs)

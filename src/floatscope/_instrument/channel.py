@@ -30,7 +30,7 @@ from typing import Any, Callable, Literal
 
 import torch
 
-__all__ = ["Subject", "Payload", "Reading", "StepChannel", "SyncPolicy"]
+__all__ = ["Subject", "Group", "Payload", "Reading", "StepChannel", "SyncPolicy"]
 
 SyncPolicy = Literal["auto", "step", "lazy"]
 Role = Literal["output", "call", "loss", "grad", "param", "update", "checked", "grad-result", "initial"]
@@ -57,6 +57,22 @@ class Subject:
 
 
 @dataclass(eq=False)
+class Group:
+    """Tensors of one role checked together (a model's gradients): their norms come back in order."""
+
+    role: Role
+    tensors: list[torch.Tensor]
+    names: list[str] | None = None
+    order: int = 0
+    window: int = -1
+    step: int = -1
+
+    def subject(self, i: int) -> Subject:
+        return Subject(self.role, self.tensors[i], None, self.order, self.names[i] if self.names else None,
+                       self.window, self.step)
+
+
+@dataclass(eq=False)
 class Payload:
     """Numbers to read with the transfer: ``tensor`` is flattened to float32; ``meta`` tells the reader."""
 
@@ -67,24 +83,30 @@ class Payload:
 
 @dataclass(eq=False)
 class Reading:
-    """One completed transfer: the norm of each subject and the values of each payload."""
+    """One completed transfer: the norm of each tensor of each group, and the values of each payload."""
 
-    subjects: list[Subject]
-    norms: list[float]
+    groups: list[tuple[Group | Subject, list[float]]]
     payload: list[tuple[Payload, list[float]]]
     unverified: list[Subject] = field(default_factory=list)  # +inf norms that could not be re-checked
 
     def bad(self) -> list[Subject]:
         """The subjects that really hold NaN or Inf (overflowed norms of finite values excluded)."""
-        return [s for s, n in zip(self.subjects, self.norms, strict=True) if not math.isfinite(n)]
+        found = []
+        for entry, norms in self.groups:
+            for i, n in enumerate(norms):
+                if not math.isfinite(n):
+                    found.append(entry.subject(i) if isinstance(entry, Group) else entry)
+        return found
 
 
 @dataclass(eq=False)
 class _InFlight:
-    subjects: list[Subject]
+    entries: list[Group | Subject]
     payload: list[Payload]
-    blocks: list[tuple[torch.device, torch.Tensor, Any]]  # (device, host buffer, event or None)
-    layout: list[tuple[torch.device, int, int]]  # per subject/payload: device, start, length
+    blocks: dict[torch.device, tuple[torch.Tensor, Any]]  # device -> (host or device buffer, event or None)
+    where: list[tuple[torch.device, int]]  # each checked tensor: its device and position there
+    offsets: list[tuple[torch.device, int, int]]  # each payload: device, start, length
+    tensors: list[torch.Tensor]
     versions: list[int]
     deferred: bool = False  # lazy policy on the CPU: read at the next transfer, like a GPU copy one step late
 
@@ -105,21 +127,21 @@ class StepChannel:
 
     def __init__(self, policy: SyncPolicy = "auto", on_transfer: Callable[[], None] | None = None) -> None:
         self.policy = policy
-        self.subjects: list[Subject] = []
+        self.entries: list[Group | Subject] = []
         self.payload: list[Payload] = []
         self.in_flight: list[_InFlight] = []
         self.on_transfer = on_transfer
         self.transfers = 0
 
-    def check(self, subject: Subject) -> None:
-        self.subjects.append(subject)
+    def check(self, subject: Subject | Group) -> None:
+        self.entries.append(subject)
 
     def record(self, payload: Payload) -> None:
         self.payload.append(payload)
 
     @property
     def pending(self) -> bool:
-        return bool(self.subjects or self.payload)
+        return bool(self.entries or self.payload)
 
     # ------------------------------------------------------------------ the transfer
     def transfer(self, *, blocking: bool | None = None) -> list[Reading]:
@@ -129,7 +151,7 @@ class StepChannel:
         """
         for flight in self.in_flight:
             flight.deferred = False
-        if self.subjects or self.payload:
+        if self.entries or self.payload:
             self.in_flight.append(self._launch(blocking))
         return self.poll(wait=bool(blocking))
 
@@ -139,9 +161,9 @@ class StepChannel:
         while self.in_flight:
             flight = self.in_flight[0]
             if not wait and (flight.deferred or
-                             not all(event is None or event.query() for _, _, event in flight.blocks)):
+                             not all(event is None or event.query() for _, event in flight.blocks.values())):
                 break
-            for _, _, event in flight.blocks:
+            for _, event in flight.blocks.values():
                 if event is not None:
                     event.synchronize()
             self.in_flight.pop(0)
@@ -158,85 +180,91 @@ class StepChannel:
         return device.type != "cpu"
 
     def _launch(self, blocking: bool | None) -> _InFlight:
-        subjects, payload = self.subjects, self.payload
-        self.subjects, self.payload = [], []
-        versions = [s.tensor._version for s in subjects]
+        entries, payload = self.entries, self.payload
+        self.entries, self.payload = [], []
+        tensors = [t for e in entries for t in (e.tensors if isinstance(e, Group) else (e.tensor,))]
+        versions = [t._version for t in tensors]
         parts: dict[torch.device, list[torch.Tensor]] = {}
         sizes: dict[torch.device, int] = {}
-        layout: list[tuple[torch.device, int, int]] = []
-
-        def place(device: torch.device, block: torch.Tensor) -> None:
-            start = sizes.get(device, 0)
-            parts.setdefault(device, []).append(block)
-            sizes[device] = start + block.numel()
-            layout.append((device, start, block.numel()))
-
+        where: list[tuple[torch.device, int]] = [(torch.device("cpu"), 0)] * len(tensors)
+        offsets: list[tuple[torch.device, int, int]] = []
         with torch.no_grad():
-            norms = _norms([s.tensor for s in subjects])
-            for norm in norms:
-                place(norm.device, norm.reshape(1))
+            for (device, _), (index, norms) in _norms(tensors).items():
+                start = sizes.get(device, 0)
+                parts.setdefault(device, []).append(norms)
+                sizes[device] = start + len(index)
+                for k, i in enumerate(index):
+                    where[i] = (device, start + k)
             for p in payload:
-                place(p.tensor.device, p.tensor.detach().reshape(-1).to(torch.float32))
-        blocks = []
-        for device, tensors in parts.items():
-            flat = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+                block = p.tensor.detach().reshape(-1).to(torch.float32)
+                start = sizes.get(block.device, 0)
+                parts.setdefault(block.device, []).append(block)
+                sizes[block.device] = start + block.numel()
+                offsets.append((block.device, start, block.numel()))
+        blocks: dict[torch.device, tuple[torch.Tensor, Any]] = {}
+        for device, pieces in parts.items():
+            flat = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
             if self._lazy(device, blocking) and device.type == "cuda":
-                host = self._pinned_buffer(device, flat.numel())
+                host = torch.empty(flat.numel(), dtype=torch.float32, pin_memory=True)  # one per flight
                 host.copy_(flat, non_blocking=True)
                 event = torch.cuda.Event()
                 event.record()
-                blocks.append((device, host, event))
+                blocks[device] = (host, event)
             else:
-                blocks.append((device, flat, None))
-        deferred = any(device.type == "cpu" for device, _, _ in blocks) and self._lazy(torch.device("cpu"), blocking)
-        return _InFlight(subjects, payload, blocks, layout, versions, deferred)
-
-    def _pinned_buffer(self, device: torch.device, n: int) -> torch.Tensor:
-        # One pinned buffer per transfer in flight: a reused one could be overwritten before it is read.
-        return torch.empty(n, dtype=torch.float32, pin_memory=True)
+                blocks[device] = (flat, None)
+        deferred = any(d.type == "cpu" for d in blocks) and self._lazy(torch.device("cpu"), blocking)
+        return _InFlight(entries, payload, blocks, where, offsets, tensors, versions, deferred)
 
     def _decode(self, flight: _InFlight) -> Reading:
         self.transfers += 1
         if self.on_transfer is not None:
             self.on_transfer()
-        values: dict[torch.device, list[float]] = {device: host.tolist() for device, host, _ in flight.blocks}
-        n = len(flight.subjects)
-        norms = []
-        for i in range(n):
-            device, start, _ = flight.layout[i]
-            norms.append(values[device][start])
-        payload = []
-        for j, p in enumerate(flight.payload):
-            device, start, length = flight.layout[n + j]
-            payload.append((p, values[device][start:start + length]))
-        reading = Reading(flight.subjects, norms, payload)
-        for i, (s, norm) in enumerate(zip(flight.subjects, norms, strict=True)):
-            if norm == math.inf:
-                if s.tensor._version == flight.versions[i]:
-                    if bool(torch.isfinite(s.tensor).all()):
-                        reading.norms[i] = _F32_MAX  # finite values whose sum of squares overflowed
-                else:
-                    reading.unverified.append(s)
+        values = {device: host.tolist() for device, (host, _) in flight.blocks.items()}
+        norms = [values[device][k] for device, k in flight.where]
+        unverified_at: list[int] = []
+        for i, n in enumerate(norms):
+            if n == math.inf:  # an Inf, or finite values whose sum of squares overflowed: check exactly
+                t = flight.tensors[i]
+                if t._version != flight.versions[i]:
+                    unverified_at.append(i)
+                elif bool(torch.isfinite(t).all()):
+                    norms[i] = _F32_MAX
+        groups: list[tuple[Group | Subject, list[float]]] = []
+        position = 0
+        for entry in flight.entries:
+            n = len(entry.tensors) if isinstance(entry, Group) else 1
+            groups.append((entry, norms[position:position + n]))
+            position += n
+        payload = [(p, values[device][start:start + length])
+                   for p, (device, start, length) in zip(flight.payload, flight.offsets, strict=True)]
+        reading = Reading(groups, payload)
+        if unverified_at:
+            flat = [(entry, i) for entry, _ in groups for i in range(len(entry.tensors) if isinstance(entry, Group) else 1)]
+            for k in unverified_at:
+                entry, i = flat[k]
+                reading.unverified.append(entry.subject(i) if isinstance(entry, Group) else entry)
         return reading
 
 
-def _norms(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Per-tensor L2 norms as float32 0-d tensors (NaN and Inf propagate), grouped by device and dtype."""
-    out: list[torch.Tensor | None] = [None] * len(tensors)
+def _norms(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[int], torch.Tensor]]:
+    """Per-tensor L2 norms (NaN and Inf propagate), one float32 vector per (device, dtype) group.
+
+    Returns ``{(device, dtype): (indices into tensors, norms)}``.
+    """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
-    for (_, dtype), index in groups.items():
+    out = {}
+    for key, index in groups.items():
+        dtype = key[1]
         group = [tensors[i] for i in index]
         if dtype in _HALF:
-            norms = torch._foreach_norm(group, 2, dtype=torch.float32)
+            norms = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32))
         elif dtype == torch.float32:
-            norms = torch._foreach_norm(group, 2)
+            norms = torch.stack(torch._foreach_norm(group, 2))
         else:  # float64 and others: norm natively, saturate finite values into float32's range
-            norms = []
-            for t in group:
-                n = torch.linalg.vector_norm(t.to(torch.float64) if not t.is_floating_point() else t)
-                norms.append(torch.where(torch.isfinite(n), n.clamp(-_F32_MAX, _F32_MAX), n).to(torch.float32))
-        for i, n in zip(index, norms, strict=True):
-            out[i] = n
-    return [n for n in out if n is not None]
+            n = torch.stack([torch.linalg.vector_norm(t.to(torch.float64) if not t.is_floating_point() else t)
+                             for t in group])
+            norms = torch.where(torch.isfinite(n), n.clamp(-_F32_MAX, _F32_MAX), n).to(torch.float32)
+        out[key] = (index, norms)
+    return out

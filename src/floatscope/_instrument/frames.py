@@ -26,6 +26,7 @@ _EXAMPLES_DIR = os.path.join(_PACKAGE_DIR, "examples") + os.sep
 _ENGINE_FILES = (os.sep + os.path.join("torch", "autograd", "graph.py"),
                  os.sep + os.path.join("torch", "autograd", "__init__.py"))
 _INTERNAL: dict[str, bool] = {}
+_ABSPATH: dict[str, str] = {}
 
 
 def is_internal(filename: str) -> bool:
@@ -62,7 +63,10 @@ def frame_from(frame: FrameType | None, *, engine_boundary: bool = False,
         if boundary and code in boundary:
             return fallback or UNKNOWN_FRAME
         if not is_internal(filename):
-            return UserFrame(os.path.abspath(filename), frame.f_lineno, code.co_name)
+            path = _ABSPATH.get(filename)
+            if path is None:
+                path = _ABSPATH.setdefault(filename, os.path.abspath(filename))
+            return UserFrame(path, frame.f_lineno, code.co_name)
         frame = frame.f_back
     return UNKNOWN_FRAME
 

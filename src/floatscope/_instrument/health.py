@@ -1,11 +1,11 @@
 """Health sampling: per-layer numerics every N steps, computed on the device, read with the step's transfer.
 
-On a sampling step the module tracker, present for that one forward pass, keeps a reference
+On a sampling step one global forward hook, present for that one forward pass, keeps a reference
 to each layer's output (and to the input of Sigmoid/Tanh layers). When the pass ends, the
 statistics of all layers are computed together: outputs of the same dtype and size are stacked
 and reduced row by row, so a sampling step costs a few dozen kernels whatever the number of
-layers. NaN and Inf are counted, never dropped: magnitudes are taken over the finite elements and
-the non-finite counts are kept beside them. Parameter statistics (the update of each weight and,
+layers. NaN and Inf are never dropped: they propagate into a layer's absmax and RMS, and the layer is
+marked as holding them. Parameter statistics (the update of each weight and,
 in float16 training, the share of gradient elements that would flush to zero at candidate loss
 scales) use ``torch._foreach`` ops and one flat histogram.
 """
@@ -17,11 +17,13 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
+from torch.nn.modules.module import register_module_forward_hook
 
-from floatscope._instrument.modules import ModuleTracker
+from floatscope._instrument.modules import module_paths
 from floatscope._numerics.formats import dtype_name, format_of
 
-__all__ = ["HealthSampler", "ACTIVATION_FIELDS", "PARAM_FIELDS", "FLUSH_SCALES", "activation_row"]
+__all__ = ["HealthSampler", "ACTIVATION_FIELDS", "ACTIVATION_RECORD", "PARAM_FIELDS", "FLUSH_SCALES",
+           "activation_row", "activation_values"]
 
 ACTIVATION_FIELDS = ("absmax", "rms", "zero_frac", "nan", "inf", "below_normal_frac", "saturation", "dead_frac")
 PARAM_FIELDS = ("grad_norm", "weight_norm", "update_norm", "grad_nonzero", "grad_flush_frac", "grad_absmax",
@@ -31,25 +33,44 @@ _RECTIFIERS = (torch.nn.ReLU, torch.nn.ReLU6)
 _FP16_SMALLEST_SUBNORMAL = 2.0**-24
 FLUSH_SCALES = (1.0, 2.0**4, 2.0**8, 2.0**12, 2.0**16)
 _CHUNK_ELEMENTS = 2**24  # stack at most this many elements at once (a sampling step's memory bound)
+_STACK_ELEMENTS = 2**20  # smaller groups of outputs are stacked and reduced together
 
 
 def _group_stats(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """(k, 6) float32: absmax, rms, zero_frac, nan, inf, below_normal_frac of k same-shape outputs."""
-    s = torch.stack([o.detach().reshape(-1) for o in outputs])  # (k, n)
-    n = s.shape[1]
-    finite = torch.isfinite(s)
-    a = torch.where(finite, s.abs(), 0)
-    tiny = format_of(s.dtype).smallest_normal
-    nan = torch.isnan(s).sum(1)
-    nonfinite = n - finite.sum(1)
-    return torch.stack([
-        a.amax(1).float(),
-        torch.linalg.vector_norm(a, dim=1, dtype=torch.float32) / math.sqrt(max(n, 1)),
-        (s == 0).sum(1).float() / n,
-        nan.float(),
-        (nonfinite - nan).float(),
-        ((a > 0) & (a < tiny)).sum(1).float() / n,
-    ], dim=1)
+    """(k, 6) float32 for k same-size outputs: absmax, rms, zero_frac, nan, inf, below_normal_frac.
+
+    Reductions only: max, min and the L2 norm (rms); NaN and Inf propagate into them, so a layer
+    holding them shows as such (nan / inf is 1: present) without a pass of its own; a sampled layer
+    that is non-finite is an incident anyway, whose operand statistics count them exactly. Small
+    outputs are stacked and reduced together; large ones one by one (no copy). The zero and
+    below-normal fractions, which matter for float16 and bfloat16 outputs, are measured only for
+    them (-1 otherwise: not measured).
+    """
+    dtype = outputs[0].dtype
+    n = outputs[0].numel()
+    if n * len(outputs) <= _STACK_ELEMENTS or n < 4096:
+        s = torch.stack([o.detach().reshape(-1) for o in outputs])  # (k, n)
+        high, low = s.amax(dim=1), s.amin(dim=1)
+        l2 = torch.linalg.vector_norm(s, dim=1, dtype=torch.float32)
+        parts = [s]
+    else:
+        parts = [o.detach().reshape(1, -1) for o in outputs]
+        high = torch.stack([p.amax() for p in parts])
+        low = torch.stack([p.amin() for p in parts])
+        l2 = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in parts])
+    absmax = torch.maximum(high.abs(), low.abs()).float()
+    rms = l2 / math.sqrt(max(n, 1))
+    nan = torch.isnan(absmax).float()
+    inf = torch.isinf(absmax).float()
+    if dtype in (torch.float16, torch.bfloat16):
+        tiny = format_of(dtype).smallest_normal
+        nonzero = torch.cat([torch.linalg.vector_norm(p, ord=0, dim=1) for p in parts])
+        small = torch.cat([torch.linalg.vector_norm(p.abs().clamp_(max=tiny).sub_(tiny), ord=0, dim=1)
+                           for p in parts])  # |x| < tiny
+        zero_frac, below_frac = (n - nonzero) / n, (small - (n - nonzero)) / n
+    else:
+        zero_frac = below_frac = torch.full((len(outputs),), -1.0, device=absmax.device)
+    return torch.stack([absmax, rms, zero_frac.float(), nan, inf, below_frac.float()], dim=1)
 
 
 class HealthSampler:
@@ -58,7 +79,9 @@ class HealthSampler:
     def __init__(self, every: int) -> None:
         self.every = every
         self.types: dict[str, str] = {}
-        self._tracker: ModuleTracker | None = None
+        self._handle: Any = None
+        self._names: dict[int, str] = {}
+        self._paths: dict[int, dict[int, str]] = {}
         self._collected: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
         self._seen: set[int] = set()
         self._snapshot: list[torch.Tensor] | None = None
@@ -68,19 +91,24 @@ class HealthSampler:
 
     # ------------------------------------------------------------------ activations
     def attach(self, roots: list[torch.nn.Module]) -> None:
-        """Keep every named layer's output of the coming forward pass."""
+        """Keep every named layer's output of the coming forward pass (one global forward hook)."""
         self.detach()
-        tracker = ModuleTracker(on_exit=self._hook)
+        names: dict[int, str] = {}
         for root in roots:
-            tracker.add_root(root)
-            for name, module in root.named_modules():
-                self.types.setdefault(name, type(module).__name__)
+            paths = self._paths.get(id(root))
+            if paths is None:
+                paths = self._paths[id(root)] = {k: v for k, v in module_paths(root).items() if v}
+                for name, module in root.named_modules():
+                    self.types.setdefault(name, type(module).__name__)
+            for key, path in paths.items():
+                names.setdefault(key, path)
+        self._names = names
         self._collected, self._seen = [], set()
-        self._tracker = tracker.__enter__()
+        self._handle = register_module_forward_hook(self._hook)
 
-    def _hook(self, key: tuple[str, int], module: torch.nn.Module, args: Any, output: Any) -> None:
-        name = key[0]
-        if not name or id(module) not in self._tracker_paths():
+    def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        name = self._names.get(id(module))
+        if name is None:
             return
         out = output if isinstance(output, torch.Tensor) else next(
             (t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None)
@@ -93,17 +121,14 @@ class HealthSampler:
                        None)
         self._collected.append((name, module, out, inp))
 
-    def _tracker_paths(self) -> dict[int, str]:
-        return self._tracker.paths if self._tracker is not None else {}
-
     def detach(self) -> None:
-        if self._tracker is not None:
-            self._tracker.__exit__(None, None, None)
-            self._tracker = None
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     @property
     def attached(self) -> bool:
-        return self._tracker is not None
+        return self._handle is not None
 
     def take_activations(self) -> list[tuple[str, str, str, torch.Tensor]]:
         """Statistics of the collected outputs: (layer, dtype, module type, 8 float32 values)."""
@@ -125,22 +150,32 @@ class HealthSampler:
                         rows[i] = row
             out_rows = []
             for i, (name, module, out, inp) in enumerate(collected):
-                minus_one = torch.full((), -1.0, device=out.device)
-                saturation = (inp.detach().abs() > 5.0).float().mean() if inp is not None else minus_one
-                if isinstance(module, _RECTIFIERS) and out.dim() >= 1 and out.shape[-1] > 0:
-                    dead = (out.detach().reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean()
-                else:
-                    dead = minus_one
                 row = rows[i]
                 assert row is not None
-                values = torch.cat([row, torch.stack([saturation.to(row.device), dead.to(row.device)])])
+                extra = []
+                if inp is not None:
+                    extra.append((6, (inp.detach().abs() > 5.0).float().mean()))
+                if isinstance(module, _RECTIFIERS) and out.dim() >= 1 and out.shape[-1] > 0:
+                    extra.append((7, (out.detach().reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean()))
+                if extra:
+                    values = torch.full((8,), -1.0, device=row.device)
+                    values[:6] = row
+                    for k, v in extra:
+                        values[k] = v.to(row.device)
+                else:
+                    values = row
                 out_rows.append((name, dtype_name(out.dtype), self.types.get(name, type(module).__name__), values))
         return out_rows
 
     # ------------------------------------------------------------------ parameters
+    def snapshot(self, params: list[torch.Tensor]) -> None:
+        """Copy ``params`` before the optimizer step, for :meth:`after_step`'s update norms."""
+        with torch.no_grad():
+            self._snapshot = torch._foreach_mul([p.detach() for p in params], 1.0) if params else None
+
     def before_step(self, params: list[torch.Tensor], scale: torch.Tensor | None,
                     fp16: bool) -> torch.Tensor | None:
-        """Snapshot parameters for the update norms; in fp16 training, gradient flush statistics.
+        """In float16 training, gradient flush statistics (None otherwise).
 
         Returns float32 values, ``len(FLUSH_SCALES) + 2`` per parameter (fp16 only, else None): the
         count of non-zero gradient elements, then for each factor ``k`` in FLUSH_SCALES the fraction
@@ -148,7 +183,6 @@ class HealthSampler:
         then the largest ``|g|``.
         """
         with torch.no_grad():
-            self._snapshot = torch._foreach_mul([p.detach() for p in params], 1.0) if params else None
             if not fp16 or not params:
                 return None
             device = params[0].device
@@ -183,19 +217,31 @@ class HealthSampler:
             return torch.stack([n.float() for n in torch._foreach_norm(snapshot)])
 
 
-def activation_row(name: str, dtype: str, values: list[float], module_type: str) -> dict[str, Any]:
-    """The stored record of one layer's activation statistics (headroom in the output's dtype)."""
-    data: dict[str, Any] = dict(zip(ACTIVATION_FIELDS, values, strict=True))
-    for key in ("saturation", "dead_frac"):
-        if data[key] < 0:
-            data[key] = None
-    data["nan"], data["inf"] = int(data["nan"]), int(data["inf"])
+ACTIVATION_RECORD = (*ACTIVATION_FIELDS, "headroom_bits", "dtype", "type")
+
+
+def activation_values(dtype: str, values: list[float], module_type: str) -> list[Any]:
+    """One layer's stored activation record, in the order of ACTIVATION_RECORD (headroom in its dtype).
+
+    Statistics that were not measured for the layer (-1 from the device) are None; nan and inf
+    are 1 when the layer held any.
+    """
+    row: list[Any] = list(values[:len(ACTIVATION_FIELDS)])
+    row += [-1.0] * (len(ACTIVATION_FIELDS) - len(row))
+    for k in (2, 5, 6, 7):  # zero_frac, below_normal_frac, saturation, dead_frac
+        if row[k] < 0:
+            row[k] = None
+    row[3], row[4] = int(row[3]), int(row[4])
     try:
-        fmt_max = format_of(dtype).max
+        fmt_max: float | None = format_of(dtype).max
     except ValueError:
         fmt_max = None
-    absmax = data["absmax"]
-    data["headroom_bits"] = (math.log2(fmt_max / absmax) if fmt_max and absmax > 0 else None)
-    data["dtype"] = dtype
-    data["type"] = module_type
-    return data
+    absmax = row[0]
+    headroom = math.log2(fmt_max / absmax) if fmt_max and absmax > 0 and math.isfinite(absmax) else (
+        -math.inf if absmax == math.inf else None)
+    return [*row, headroom, dtype, module_type]
+
+
+def activation_row(name: str, dtype: str, values: list[float], module_type: str) -> dict[str, Any]:
+    """The stored record of one layer's activation statistics, as a dict."""
+    return dict(zip(ACTIVATION_RECORD, activation_values(dtype, values, module_type), strict=True))

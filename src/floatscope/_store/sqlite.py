@@ -167,16 +167,24 @@ class RunStore:
         )
         self.commit()
 
-    def add_health(self, run_id: str, step: int, rows: list[tuple[str, str, dict[str, Any]]]) -> None:
-        """Per-layer health samples: (name, kind, data) with kind "activation" or "param"."""
-        self._db.executemany("INSERT INTO health VALUES (?, ?, ?, ?, ?)",
-                             [(run_id, step, name, kind, json.dumps(to_json_value(data))) for name, kind, data in rows])
+    def add_health(self, run_id: str, step: int, kind: str, fields: list[str],
+                   layers: dict[str, list[Any]]) -> None:
+        """One step's health samples of one kind ("activation" or "param") for every layer.
+
+        Stored as one row (kind "activations"/"params", data ``{"fields": [...], "layers": {layer:
+        [value, ...]}}``); :meth:`health` reads it back one record per layer.
+        """
+        data = {"fields": fields, "layers": layers}
+        self._db.execute("INSERT INTO health VALUES (?, ?, ?, ?, ?)", (run_id, step, "", kind + "s", _dumps(data)))
         self._maybe_commit()
 
     def add_fingerprint(self, run_id: str, step: int, kind: str, values: list[float]) -> None:
         """Per-parameter fingerprints of one step: kind "grad" or "weight" (after the step)."""
-        self._db.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?)",
-                         (run_id, step, kind, json.dumps([_json_float(v) for v in values])))
+        if all(map(math.isfinite, values)):
+            data = json.dumps(values)
+        else:
+            data = json.dumps([_json_float(v) for v in values])
+        self._db.execute("INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?)", (run_id, step, kind, data))
         self._maybe_commit()
 
     def update_config(self, run_id: str, patch: dict[str, Any]) -> None:
@@ -196,9 +204,19 @@ class RunStore:
         return json.loads(row[0]) if row and row[0] else {}
 
     def health(self, run_id: str) -> list[tuple[int, str, str, dict[str, Any]]]:
+        """(step, layer, "activation" | "param", record) for every health sample of a run, in order."""
         rows = self._db.execute("SELECT step, name, kind, data FROM health WHERE run_id=? ORDER BY step, rowid",
                                 (run_id,)).fetchall()
-        return [(step, name, kind, json.loads(data)) for step, name, kind, data in rows]
+        out = []
+        for step, name, kind, data in rows:
+            if kind in ("activations", "params"):
+                table = json.loads(data)
+                fields = table["fields"]
+                out.extend((step, layer, kind[:-1], dict(zip(fields, values, strict=False)))
+                           for layer, values in table["layers"].items())
+            else:  # one row per layer (stores written before packing)
+                out.append((step, name, kind, json.loads(data)))
+        return out
 
     def fingerprints(self, run_id: str, kind: str) -> dict[int, list[float | str | None]]:
         rows = self._db.execute("SELECT step, data FROM fingerprints WHERE run_id=? AND kind=? ORDER BY step",
@@ -265,6 +283,14 @@ class RunStore:
         rid, name, command, started, ended, status, steps, skipped, env, _config, result = row
         return RunRecord(rid, name, command, started, ended, status, steps, skipped,
                          json.loads(env) if env else {}, json.loads(result) if result else None)
+
+
+def _dumps(data: Any) -> str:
+    """Strict JSON of a record (non-finite floats as null); the common all-finite case without a copy."""
+    text = json.dumps(data)
+    if "NaN" in text or "Infinity" in text:
+        text = json.dumps(to_json_value(data))
+    return text
 
 
 def _json_float(value: float) -> float | str:
