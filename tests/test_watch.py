@@ -336,3 +336,110 @@ def test_nan_losses_stay_visible_in_the_store(store_path):
     store.close()
     assert math.isnan(steps[1].loss) and math.isnan(steps[1].grad_norm)  # not dropped to NULL
     assert math.isfinite(steps[0].loss)
+
+
+# ----------------------------------------------------------------------------------- the one transfer
+def _count_transfers(w):
+    return w._channel.transfers
+
+
+def test_one_transfer_per_step_and_none_for_finite_reads(store_path):
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with floatscope.watch(model, opt, store=str(store_path)) as w:
+        for i, (x, y) in enumerate(_batches(12)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            print(f"step {i} loss {loss.item():.3f}")  # a finite read costs no transfer
+        during = _count_transfers(w)
+    assert during == 12  # one per step, read at the optimizer step
+    assert _count_transfers(w) == 13  # and the final read at exit
+
+
+def test_lazy_sync_reads_one_step_late_and_says_so():
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    seen = []
+    with floatscope.watch(model, opt, store=None, sync="lazy", on_anomaly="record") as w:
+        for i, (x, y) in enumerate(_batches(6)):
+            loss = F.cross_entropy(model(x) * (1e30 if i == 3 else 1.0), y) * (float("inf") if i == 3 else 1.0)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            seen.append(w.incident is not None)
+    assert seen == [False, False, False, False, True, True]  # found at the next step's read
+    incident = w.incident
+    assert incident.step == 3 and not incident.exact
+    assert "sync='step'" in incident.explanation
+
+
+def test_lazy_sync_is_exact_when_the_parameters_did_not_change():
+    # The loop stops after the bad step: the final read at exit replays it with its own parameters.
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with floatscope.watch(model, opt, store=None, sync="lazy", on_anomaly="record") as w:
+        for i, (x, y) in enumerate(_batches(5)):
+            logits = model(x)
+            loss = -torch.log(torch.softmax(logits * (1e4 if i == 2 else 1.0), -1)[:, 0]).mean()  # MARK:lazy-loss
+            if i == 2:
+                break
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    incident = w.incident
+    assert incident.exact and incident.op == "aten.log.default" and incident.step == 2
+    assert (incident.file, incident.line) == line_of("MARK:lazy-loss")
+
+
+def test_sync_must_be_known():
+    with pytest.raises(UsageError, match="sync"):
+        floatscope.watch(_mlp(), sync="sometimes")
+
+
+# ----------------------------------------------------------------------------------- no trace on any exit
+@pytest.mark.parametrize("case", ["closure-raises", "step-raises", "nonfinite-read", "keyboard-interrupt",
+                                  "system-exit"])
+def test_every_exit_path_leaves_no_trace(case):
+    before = torch_global_state()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.LBFGS(model.parameters(), max_iter=2) if case == "closure-raises" else \
+        torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(8, 3)
+
+    class Boom(torch.optim.SGD):
+        def step(self, closure=None):
+            raise RuntimeError("the optimizer failed")
+
+    if case == "step-raises":
+        opt = Boom(model.parameters(), lr=0.1)
+    try:
+        with floatscope.watch(None, None, store=None):
+            if case == "closure-raises":
+                def closure():
+                    opt.zero_grad()
+                    loss = model(x).pow(2).mean()
+                    loss.backward()
+                    raise ValueError("closure failed")
+                opt.step(closure)
+            elif case == "step-raises":
+                model(x).sum().backward()
+                opt.step()
+            elif case == "nonfinite-read":
+                (model(x) * float("inf")).sum().item()
+            elif case == "keyboard-interrupt":
+                model(x).sum().backward()
+                raise KeyboardInterrupt
+            else:
+                model(x).sum().backward()
+                raise SystemExit(0)
+    except (ValueError, RuntimeError, NonFiniteError, KeyboardInterrupt, SystemExit):
+        pass
+    assert torch_global_state() == before
+    assert "zero_grad" not in vars(opt) and "zero_grad" not in vars(model)
+    assert not model._forward_hooks and not model._forward_pre_hooks

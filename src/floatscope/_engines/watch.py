@@ -574,11 +574,11 @@ class Watch(CaptureListener):
         window = self._windows.get(first.window, capture.window if first.window == capture.window.index else None)
         step = first.step if first.step >= 0 else (window.iteration if window else capture.clock.index)
 
-        broken = self._broken_parameter(bad, step)
-        if broken is not None:
-            return broken
         if window is None:
             return self._coarse(bad, step, "the step's record was already released", None)
+        broken = self._broken_parameter(bad, step, window)
+        if broken is not None:
+            return broken
         found = self._bad_input(window, step, nan_only=True)
         if found is not None:
             return found
@@ -656,10 +656,16 @@ class Watch(CaptureListener):
                                       stats=operand_stats(first.tensor.detach()), frame=_subject_frame(first),
                                       model=model, module=module, seconds=seconds)
 
-    def _broken_parameter(self, bad: list[Subject], step: int) -> Incident | None:
-        """A parameter or raw leaf that is non-finite now, before the update this read precedes."""
+    def _broken_parameter(self, bad: list[Subject], step: int, window: Window) -> Incident | None:
+        """A parameter or raw leaf that is non-finite now and already was while ``window`` ran.
+
+        A parameter written after the window began (read one step late) may be non-finite only
+        because of what the window computed: it is not evidence about the window.
+        """
         capture = self._capture
-        candidates = capture.leaves.items()
+        written = {id(s.tensor) for s in bad if s.role in ("update", "param", "initial")}
+        candidates = [(n, t) for n, t in capture.leaves.items()
+                      if capture.written_at.get(id(t), 0) <= window.writes or id(t) in written]
         if not candidates:
             return None
         with torch.no_grad():
