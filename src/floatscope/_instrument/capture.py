@@ -179,6 +179,7 @@ class IterationClock:
         self.saw_backward = False
         self.gradients_since = False  # a backward or grad call since the last boundary
         self.completed = 0           # iterations with a parameter update (or grad call)
+        self.manual_completed = 0    # of them, those ended by in-place parameter updates
 
     def label(self) -> int:
         """The iteration of an event happening now."""
@@ -191,8 +192,11 @@ class IterationClock:
     def step_begins(self, optimizer: object) -> int:
         key = id(optimizer)
         if not self.optimizer_mode:
+            # The first optimizer step: boundaries that only autograd.grad calls made (the inner loop of
+            # a meta-learning step) were part of this iteration; manual-update iterations before stay.
             self.optimizer_mode = True
             self.boundary_pending = False
+            self.index = self.manual_completed
         elif key in self.stepped:
             self.index += 1
             self.stepped = set()
@@ -204,8 +208,8 @@ class IterationClock:
         """The step of the current iteration ran (or a GradScaler skipped it): the iteration counts."""
         self.completed = max(self.completed, self.index + 1)
 
-    def state_changed(self) -> None:
-        """A manual update group or an ``autograd.grad`` call ended an iteration (no optimizer in use).
+    def state_changed(self, *, update: bool = False) -> None:
+        """A manual update group (``update``) or an ``autograd.grad`` call ended an iteration (no optimizer in use).
 
         Writes to parameters before any gradient was computed (initialisation) end nothing.
         """
@@ -213,6 +217,8 @@ class IterationClock:
             self.boundary_pending = True
             self.gradients_since = False
             self.completed = max(self.completed, self.index + 1)
+            if update:
+                self.manual_completed = self.index + 1
 
     def inference_call(self) -> None:
         """A model call in a run that has computed no gradient yet: each one is an iteration."""
@@ -893,7 +899,7 @@ class StepCapture:
         if not self.update_group:
             return
         group, self.update_group = self.update_group, []
-        self.clock.state_changed()
+        self.clock.state_changed(update=True)
         self.listener.after_update("manual", None, group)
         self.new_window()
 
