@@ -268,7 +268,8 @@ def replay_cost(setup: Setup) -> tuple[str, float, float]:
         setup.step(model, opt, setup.batches[1])
     incident = w.incident
     assert incident is not None and incident.replay_seconds is not None
-    where = f"{incident.op} in module '{incident.module}' ({incident.phase}, step {incident.step})"
+    module = f"module '{incident.module}'" if incident.module is not None else "the loss code"
+    where = f"{incident.op} in {module} ({incident.phase}, step {incident.step})"
     return where, incident.replay_seconds, incident.replay_seconds / plain
 
 

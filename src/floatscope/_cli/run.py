@@ -47,6 +47,9 @@ def add_parser(sub: Any) -> None:
                         "replayed op by op (costs a copy of the optimizer's memory per step)")
     p.add_argument("--health-every", type=int, default=None, metavar="N",
                    help="sample per-layer health every N steps (0 = off; default 50)")
+    p.add_argument("--sync", choices=("auto", "step", "lazy"), default="auto",
+                   help="when to read the device: auto (at each step on the CPU, one step late on a GPU, which "
+                        "never waits), step (at each step: exact replays on a GPU too), lazy (always one step late)")
     p.add_argument("script", help="the Python script to run")
     p.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     p.set_defaults(handler=main)
@@ -54,7 +57,8 @@ def add_parser(sub: Any) -> None:
 
 def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | None, keep_going: bool = False,
                replay: bool = True, max_consecutive_skips: int = 32, run_name: str | None = None,
-               health_every: int | None = None, exact_optimizer: bool = False) -> tuple[int, RunResult]:
+               health_every: int | None = None, exact_optimizer: bool = False,
+               sync: str = "auto") -> tuple[int, RunResult]:
     """Run ``script`` as ``__main__`` under a global watch; return (exit status, result).
 
     The script's ``sys.argv``, ``sys.path[0]`` and working directory are what ``python SCRIPT ARGS``
@@ -77,7 +81,7 @@ def run_script(script: str | os.PathLike[str], argv: list[str], *, store: str | 
                     run_name=run_name or path.stem, command=command, replay=replay,
                     max_consecutive_skips=max_consecutive_skips,
                     health_every=DEFAULT_HEALTH_EVERY if health_every is None else health_every,
-                    exact_optimizer=exact_optimizer)
+                    exact_optimizer=exact_optimizer, sync=sync)  # type: ignore[arg-type]
     saved_argv, saved_path = sys.argv[:], sys.path[:]
     sys.argv = [str(path), *argv]
     sys.path.insert(0, str(path.resolve().parent))
@@ -133,7 +137,8 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"--json {args.json}: folder {parent} does not exist")
     code, result = run_script(args.script, args.args, store=store, keep_going=args.keep_going,
                               replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips,
-                              health_every=args.health_every, exact_optimizer=args.exact_optimizer)
+                              health_every=args.health_every, exact_optimizer=args.exact_optimizer,
+                              sync=args.sync)
     print_result(result, console(stderr=True), store_path=store)
     if args.json:
         write_json(args.json, result.to_dict())

@@ -226,20 +226,24 @@ def activation_values(dtype: str, values: list[float], module_type: str) -> list
     Statistics that were not measured for the layer (-1 from the device) are None; nan and inf
     are 1 when the layer held any.
     """
-    row: list[Any] = list(values[:len(ACTIVATION_FIELDS)])
-    row += [-1.0] * (len(ACTIVATION_FIELDS) - len(row))
-    for k in (2, 5, 6, 7):  # zero_frac, below_normal_frac, saturation, dead_frac
-        if row[k] < 0:
-            row[k] = None
-    row[3], row[4] = int(row[3]), int(row[4])
-    try:
-        fmt_max: float | None = format_of(dtype).max
-    except ValueError:
-        fmt_max = None
-    absmax = row[0]
-    headroom = math.log2(fmt_max / absmax) if fmt_max and absmax > 0 and math.isfinite(absmax) else (
-        -math.inf if absmax == math.inf else None)
-    return [*row, headroom, dtype, module_type]
+    absmax, rms, zero_frac, nan, inf, below = values[:6]
+    saturation = values[6] if len(values) > 6 and values[6] >= 0 else None
+    dead = values[7] if len(values) > 7 and values[7] >= 0 else None
+    fmt_max = _MAX_OF.get(dtype)
+    if fmt_max is None:
+        try:
+            fmt_max = _MAX_OF.setdefault(dtype, format_of(dtype).max)
+        except ValueError:
+            fmt_max = 0.0
+    if absmax > 0 and absmax != math.inf and fmt_max:
+        headroom: float | None = math.log2(fmt_max / absmax)
+    else:
+        headroom = -math.inf if absmax == math.inf else None
+    return [absmax, rms, zero_frac if zero_frac >= 0 else None, int(nan), int(inf), below if below >= 0 else None,
+            saturation, dead, headroom, dtype, module_type]
+
+
+_MAX_OF: dict[str, float] = {}
 
 
 def activation_row(name: str, dtype: str, values: list[float], module_type: str) -> dict[str, Any]:
