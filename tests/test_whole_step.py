@@ -9,13 +9,11 @@ Scripts run through ``floatscope run`` (in-process) exactly as a user would run 
 
 from __future__ import annotations
 
-import math
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import floatscope
 from conftest import line_of

@@ -40,7 +40,7 @@ from floatscope._events import UNKNOWN_FRAME, UserFrame
 from floatscope._engines.recorder import RunRecorder
 from floatscope._instrument.capture import Backward, Call, CaptureListener, Pass, StepCapture, Update, Window
 from floatscope._instrument.channel import Group, Payload, Reading, StepChannel, Subject, SyncPolicy
-from floatscope._instrument.frames import frame_from, name_in_frame, user_frame_object, user_stacklevel
+from floatscope._instrument.frames import frame_from, user_stacklevel
 from floatscope._instrument import ops as kinds
 from floatscope._instrument.health import HealthSampler
 from floatscope._instrument.hooks import HookSet
@@ -201,8 +201,6 @@ class Watch(CaptureListener):
         self._step_frame: dict[int, UserFrame] = {}
         self._health_params: tuple[int, list[str], list[torch.Tensor]] | None = None
         self._sampling_window = -1
-        self._losses: dict[int, list[float]] = {}
-        self._nonfinite_steps = 0
         try:
             self._capture.install()
             self._probe.install(self._hooks)
@@ -281,8 +279,7 @@ class Watch(CaptureListener):
     def pass_begun(self, p: Pass, first: bool) -> None:
         capture, channel = self._capture, self._channel
         if first:
-            label = _root_label(p.module, p.call_site)
-            self._labels[id(p.module)] = label
+            self._labels[id(p.module)] = type(p.module).__name__
             init = self._recorder.model(p.module)
             if init is not None:
                 channel.record(init)
@@ -532,10 +529,8 @@ class Watch(CaptureListener):
                 else:
                     recorder.payload(payload, values)
             bad = [s for s in reading.bad() if not (skipped and s.role == "grad")]
-            if bad:
-                self._nonfinite_steps += 1
-                if self.incident is None:
-                    self._triage(bad)
+            if bad and self.incident is None:
+                self._triage(bad)
         # Keep this iteration's windows (a later one may need their graph to replay) and those still in flight.
         current = capture.window.iteration
         for index in [i for i, w in self._windows.items() if w.iteration < current and not self._in_flight(i)]:
@@ -907,11 +902,6 @@ def _group_of(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> int:
         if any(p is param for p in group["params"]):
             return i
     return 0
-
-
-def _root_label(module: torch.nn.Module, call_site: UserFrame) -> str:
-    """How incidents name a root model: its class, with the name the script gives it when found."""
-    return type(module).__name__
 
 
 def _as_list(value: Any, cls: type, what: str, expected: str) -> list[Any]:

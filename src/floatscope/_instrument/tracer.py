@@ -282,7 +282,7 @@ class OpTracer:
         scalars = [float(v) for v in leaves if isinstance(v, float)]
         in_flags = _nonfinite_flags(inputs)
         # A one-element tensor nobody traced that holds NaN/Inf is a literal (x[i] = nan, torch.tensor(inf)).
-        literal = [k for k, (t, (n, i)) in enumerate(zip(inputs, in_flags)) if (n or i) and t.numel() == 1
+        literal = [k for k, (t, (n, i)) in enumerate(zip(inputs, in_flags, strict=True)) if (n or i) and t.numel() == 1
                    and self._lineage_of(storage_key(t)) < 0 and not _is_intended(self._lineage_of(storage_key(t)))]
         if literal:
             scalars += [float(inputs[k].detach().reshape(())) for k in literal]
@@ -317,7 +317,7 @@ class OpTracer:
         in_inf = any(i for _, i in in_flags)
         out_nan = any(n for n, _ in out_flags)
         out_inf = any(i for _, i in out_flags)
-        bad_inputs = [(k, self._lineage_of(k, register=True)) for k, (n, i) in zip(keys, in_flags) if n or i]
+        bad_inputs = [(k, self._lineage_of(k, register=True)) for k, (n, i) in zip(keys, in_flags, strict=True) if n or i]
         known = [p for _, p in bad_inputs if p >= 0]
         meant = [p for _, p in bad_inputs if _is_intended(p)]
         sources = [p for _, p in bad_inputs if p < 0 and not _is_intended(p)]
@@ -348,7 +348,7 @@ class OpTracer:
             lineage = _intended_code(event.index)
         else:
             lineage = parent if parent is not None else _EXTERNAL
-        for t, (n, i) in zip(outputs, out_flags):
+        for t, (n, i) in zip(outputs, out_flags, strict=True):
             key = storage_key(t)
             if n or i:
                 self.lineage[key] = lineage
@@ -409,7 +409,7 @@ class OpTracer:
         if forward_tag is not None and parent is None and id(forward_tag) in self.tag_events:
             # The gradient of an op that already produced Inf/NaN in forward: the forward op is the origin.
             parent = self.tag_events[id(forward_tag)]
-        bad = next((t for t, (n, i) in zip(outputs, out_flags) if n or i), outputs[0])
+        bad = next((t for t, (n, i) in zip(outputs, out_flags, strict=True) if n or i), outputs[0])
         return OriginEvent(
             index=len(self.events), op=name, phase=phase, kind=kind, module=module,  # type: ignore[arg-type]
             frame=frame, backward_node=backward_node, forward_tag=forward_tag,
