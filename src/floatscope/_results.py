@@ -150,7 +150,10 @@ class Incident:
     def diagnosis(self) -> str:
         """The full plain-text diagnosis (also the message of :class:`NonFiniteError`)."""
         what = "NaN" if self.kind == "nan" else "Inf"
-        head = f"first {what} born in {self.phase} at step {self.step}: {self.op}"
+        if self.category == "parameter":
+            head = f"{what} in parameter '{self.param}' before step {self.step} used it: {self.op}"
+        else:
+            head = f"first {what} born in {self.phase} at step {self.step}: {self.op}"
         if self.backward_node:
             head += f" (gradient, autograd node {self.backward_node})"
         lines = [head]
@@ -198,10 +201,12 @@ class RunResult:
     loss_scale: float | None = None
     error: str | None = None
     watched: dict[str, int] = field(default_factory=dict)
+    contained: list[Incident] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         data = to_json_value(asdict(self))
         data["incident"] = self.incident.to_dict() if self.incident else None
+        data["contained"] = [c.to_dict() for c in self.contained]
         return data
 
     def to_json(self, **kwargs: Any) -> str:

@@ -26,7 +26,11 @@ def print_incident(incident: Incident, out: Any) -> None:
     from rich.text import Text
 
     what = "NaN" if incident.kind == "nan" else "Inf"
-    title = f"[bold red]first {what}[/] born in [bold]{incident.phase}[/] at step [bold]{incident.step}[/]"
+    if incident.category == "parameter":
+        title = (f"[bold red]{what} in parameter[/] [bold]{incident.param}[/] before step [bold]{incident.step}[/] "
+                 "used it")
+    else:
+        title = f"[bold red]first {what}[/] born in [bold]{incident.phase}[/] at step [bold]{incident.step}[/]"
     body = Table.grid(padding=(0, 1))
     body.add_column(style="bold cyan", no_wrap=True)
     body.add_column(overflow="fold")
@@ -70,6 +74,10 @@ def print_result(result: RunResult, out: Any, *, store_path: str | None = None) 
     where = f" in {store_path}" if store_path and result.run_id else ""
     out.print(f"[{colour}]{result.status}[/]: {result.steps} steps, {result.skipped_steps} skipped by GradScaler"
               f"{scale}; run [bold]{result.run_id or '-'}[/]{where}")
+    for c in result.contained:
+        what = "NaN" if c.kind == "nan" else "Inf"
+        out.print(f"[yellow]note[/]: {what} computed by {c.op} at {c.file}:{c.line} (step {c.step}, {c.category}) "
+                  f"never reached a loss, gradient, parameter or a value the script read")
 
 
 def fail(message: str) -> int:

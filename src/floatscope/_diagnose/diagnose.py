@@ -115,8 +115,9 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                          "log is outside its domain.")
             return text, fixes
         if exact_zero and producer in {"mul", "div"}:
-            text = (f"log of zero: {ops[0].zeros} element(s) of the argument are exactly 0 because {producer} had an "
-                    f"exact zero factor (x * 0 is 0 exactly, no rounding involved); log(0) = -inf.")
+            how = ("div had a zero numerator (0 / y is 0 exactly, no rounding involved)" if producer == "div" else
+                   "mul had an exact zero factor (x * 0 is 0 exactly, no rounding involved)")
+            text = f"log of zero: {ops[0].zeros} element(s) of the argument are exactly 0 because {how}; log(0) = -inf."
             return text, ["mask the zero entries out before the log (torch.where(keep, torch.log(p), 0)), or add a "
                           "floor: torch.log(x.clamp_min(1e-12))"]
         if producer in {"_softmax", "softmax"}:

@@ -15,7 +15,8 @@ from floatscope._events import UNKNOWN_FRAME, OriginEvent, UserFrame
 from floatscope._results import Incident, OperandStats, Phase
 
 __all__ = ["input_incident", "intended_incident", "parameter_incident", "manual_update_incident", "optimizer_incident",
-           "coarse_incident", "collapse_incident", "with_divergence", "with_read", "refine_input"]
+           "coarse_incident", "collapse_incident", "with_divergence", "with_read", "refine_input",
+           "contained_reached"]
 
 
 def _what(stats: OperandStats) -> str:
@@ -185,4 +186,21 @@ def with_read(incident: Incident, frame: UserFrame) -> Incident:
         return incident
     note = f"the script read the non-finite value at {frame.file}:{frame.line}."
     consequence = f"{incident.consequence} Then {note}" if incident.consequence else note[0].upper() + note[1:]
+    return replace(incident, consequence=consequence)
+
+
+def contained_reached(incident: Incident, *, reached: str | None, step: int, failed: bool = False) -> Incident:
+    """An earlier non-finite value, diagnosed where it was computed, that later reached ``reached`` at ``step``.
+
+    ``reached`` None: it never reached a loss, gradient or parameter, but the run ended with it
+    unreported (the script failed, or it was a model's output).
+    """
+    if reached is not None:
+        note = (f"It was computed at step {incident.step} and reached {reached} at step {step}."
+                if step != incident.step else f"It reached {reached}.")
+    elif failed:
+        note = "It never reached a loss or gradient, but the script failed with it unreported."
+    else:
+        note = "It never reached a loss or gradient; the run ended with it in a model's output."
+    consequence = f"{incident.consequence} {note}" if incident.consequence else note
     return replace(incident, consequence=consequence)

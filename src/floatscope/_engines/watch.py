@@ -26,6 +26,7 @@ import shlex
 import sys
 import time
 import warnings
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
@@ -195,6 +196,9 @@ class Watch(CaptureListener):
         self._step_norms: dict[int, float] = {}
         self._scales: list[float] = []
         self._intentional: set[tuple[str, int]] = set()
+        # Non-finite values that have not reached a loss, gradient, parameter or read (yet), by location:
+        # the diagnosis, and the tensor it was found in (weakly: it may be an input of a later step).
+        self._contained: dict[tuple[str, int], tuple[Incident, Any, str]] = {}
         self._read_at: UserFrame | None = None
         self._skipped_window: tuple[Window, list[Subject]] | None = None
         self._seen_optimizers: dict[int, torch.optim.Optimizer] = {}
@@ -221,6 +225,9 @@ class Watch(CaptureListener):
                         self._final_read()
                 except NonFiniteError as err:
                     pending_error = err
+            promoted = self._promote_contained(exc_type, exc)
+            if promoted is not None and exc_type is None and self._on_anomaly == "raise":
+                pending_error = NonFiniteError(promoted)
         finally:
             try:
                 self._capture.remove()
@@ -272,7 +279,9 @@ class Watch(CaptureListener):
                    "reads": coverage.reads}
         return RunResult(status=status, run_id=self.run_id, steps=steps, skipped_steps=self._probe.skipped,
                          incident=self.incident, loss_scale=self._scales[-1] if self._scales else None,
-                         error=error, watched=watched)
+                         error=error, watched=watched,
+                         contained=_distinct([c for c, _, _ in self._contained.values()]) if self.incident is None
+                         else [])
 
     # ================================================================== capture events
     @_guarded
@@ -370,6 +379,10 @@ class Watch(CaptureListener):
             return
         window = capture.window
         for u in updates:
+            if getattr(u.func, "__name__", "") in _WRITES:
+                # Values written as they are (a checkpoint load, an assignment) are data: the parameter is
+                # checked where it is used, which names the write if it broke it.
+                continue
             for t, name in zip(u.targets, u.names, strict=True):
                 self._channel.check(Subject("update", t, event=u, name=name, order=len(window.events),
                                             window=window.index, step=u.iteration))
@@ -435,6 +448,20 @@ class Watch(CaptureListener):
                                       window=window.index, step=step))
         self._queue_scale(window.iteration)
         self._read(self._channel.transfer(blocking=True))
+
+    def _promote_contained(self, exc_type: Any, exc: Any) -> Incident | None:
+        """At the end: a contained value is the incident when the script failed or a model's output was NaN."""
+        if self.incident is not None or not self._contained:
+            return None
+        failed = (exc_type is not None and not issubclass(exc_type, (NonFiniteError, KeyboardInterrupt, SystemExit))
+                  ) or (exc_type is SystemExit and exc is not None and exc.code not in (0, None))
+        for key, (incident, _, role) in self._contained.items():
+            if failed or (incident.kind == "nan" and role == "output"):
+                del self._contained[key]
+                self.incident = triage.contained_reached(incident, reached=None, step=incident.step, failed=failed)
+                self._recorder.event(self.incident.step, "incident", self.incident.to_dict())
+                return self.incident
+        return None
 
     # ================================================================== queueing
     def _queue_window(self, window: Window) -> None:
@@ -544,6 +571,11 @@ class Watch(CaptureListener):
         key = _intent_key(bad)
         if key is not None and key in self._intentional:
             return
+        # A non-finite intermediate that no loss, gradient, parameter or read has met is not a failure yet
+        # (log(0) = -inf that a cross_entropy or a where absorbs): diagnosed now, reported when it reaches one.
+        urgent = any(self._urgent(s) for s in bad)
+        if not urgent and (key is None or key in self._contained or len(self._contained) >= _MAX_CONTAINED):
+            return
         start = time.perf_counter()
         try:
             incident = self._diagnose(bad)
@@ -559,9 +591,28 @@ class Watch(CaptureListener):
             if key is not None:
                 self._intentional.add(key)
             return
+        if not urgent:
+            assert key is not None
+            first = min(bad, key=_timeline)
+            self._contained[key] = (incident, weakref.ref(first.tensor), first.role)
+            return
         if self._read_at is not None:
             incident = triage.with_read(incident, self._read_at)
         self._report(incident)
+
+    def _urgent(self, s: Subject) -> bool:
+        """A failure now: a loss, gradient or parameter; a value the script read or checked; a scalar; a
+        model's NaN output, or any non-finite output of a model run for inference."""
+        if s.role in _SERIOUS or s.role == "checked":
+            return True
+        window = self._windows.get(s.window)
+        if window is not None and id(s.tensor) in window.checked:
+            return True
+        if s.tensor.numel() == 1:
+            return True  # a scalar is a loss or a metric, whether or not it reached backward()
+        if s.role == "output" and isinstance(s.event, Pass):
+            return not s.event.grad_enabled or bool(torch.isnan(s.tensor).any())
+        return False
 
     def _diagnose(self, bad: list[Subject]) -> Incident | None:
         capture = self._capture
@@ -574,6 +625,9 @@ class Watch(CaptureListener):
         broken = self._broken_parameter(bad, step, window)
         if broken is not None:
             return broken
+        found = self._contained_input(window, step, bad)
+        if found is not None:
+            return found
         found = self._bad_input(window, step, nan_only=True)
         if found is not None:
             return found
@@ -668,6 +722,8 @@ class Watch(CaptureListener):
         broken = [(n, t) for (n, t), ok in zip(candidates, flags, strict=True) if not ok]
         if not broken:
             return None
+        used = self._used_leaves(window)
+        broken = [b for b in broken if id(b[1]) in used] or broken
         # The parameter written most recently is the cause; others followed from it.
         def written(item: tuple[str, torch.Tensor]) -> tuple[int, int]:
             who = capture.last_writer.get(id(item[1]))
@@ -695,6 +751,10 @@ class Watch(CaptureListener):
                         f"update computed from gradients.")
         if kind == "manual":
             update: Update = who
+            for a in update.args[1:]:
+                origin = self._contained_origin(a) if isinstance(a, torch.Tensor) else None
+                if origin is not None:  # the update's operand was diagnosed where it was computed
+                    return triage.contained_reached(origin, reached=f"parameter '{name}'", step=iteration)
             operands = [operand_stats(a.detach()) for a in update.args[1:] if isinstance(a, torch.Tensor)
                         and a.is_floating_point()]
             op = f"aten.{getattr(update.func, '__name__', 'update')}"
@@ -721,6 +781,20 @@ class Watch(CaptureListener):
         return triage.optimizer_incident(step=iteration, optimizer_name=type(optimizer).__name__, name=name,
                                          module=module, model=model, frame=frame, output=stats, state_lines=lines,
                                          explanation=explanation, suggestions=suggestions, replayed=False)
+
+    def _used_leaves(self, window: Window) -> set[int]:
+        """ids of the leaves the window's root calls and torch calls used."""
+        leaves = self._capture.leaves
+        used: set[int] = set()
+        for event in window.events:
+            if isinstance(event, Pass):
+                used.update(id(t) for t in event.module.parameters())
+            elif isinstance(event, Call):
+                for a in float_leaves((event.args, event.kwargs)):
+                    leaf = leaves.lookup(a)
+                    if leaf is not None:
+                        used.add(id(leaf[0]))
+        return used
 
     def _first_use(self, param: torch.Tensor) -> UserFrame:
         window = self._capture.window
@@ -759,6 +833,25 @@ class Watch(CaptureListener):
                 seen.add(id(t))
                 found.append((where.format(i), t, frame, model, module))
         return found
+
+    def _contained_input(self, window: Window, step: int, bad: list[Subject]) -> Incident | None:
+        """The earlier diagnosis of a non-finite value that entered this window (class weights made before the loop)."""
+        if not self._contained:
+            return None
+        for _, t, _, _, _ in self._inputs(window, produced_too=True):
+            origin = self._contained_origin(t)
+            if origin is not None:
+                return triage.contained_reached(origin, reached=_found(bad), step=step)
+        return None
+
+    def _contained_origin(self, t: torch.Tensor) -> Incident | None:
+        """The contained diagnosis of ``t`` (the same tensor, or a view of its storage), if any."""
+        ptr = _storage(t)
+        for incident, ref, _ in self._contained.values():
+            origin = ref()
+            if origin is not None and (t is origin or (ptr is not None and ptr == _storage(origin))):
+                return incident
+        return None
 
     def _bad_input(self, window: Window, step: int, *, nan_only: bool) -> Incident | None:
         for what, t, frame, model, module in self._inputs(window):
@@ -841,6 +934,7 @@ class Watch(CaptureListener):
                                                   skips=probe.consecutive, detail=detail, seconds=seconds))
 
 
+_MAX_CONTAINED = 8  # distinct locations of contained non-finite values diagnosed per run
 # In-place ops that write given values into a parameter (load_state_dict, assignment), not updates.
 _WRITES = {"copy_", "__setitem__", "fill_", "set_", "index_put_", "masked_fill_", "zero_"}
 # Roles whose non-finite values are a failure even when they were written on purpose (a -inf loss).
@@ -849,6 +943,15 @@ _ROLE_WORDS = {"output": "a model's output", "call": "a value computed outside t
                "grad": "the gradients", "grad-result": "the gradients torch.autograd.grad returned",
                "param": "the parameters", "update": "a parameter after an in-place update",
                "checked": "a value the script checked", "initial": "the parameters before the first step"}
+
+
+def _distinct(incidents: list[Incident]) -> list[Incident]:
+    seen, out = set(), []
+    for c in incidents:
+        if (c.op, c.file, c.line) not in seen:
+            seen.add((c.op, c.file, c.line))
+            out.append(c)
+    return out
 
 
 def _storage(t: torch.Tensor) -> int | None:

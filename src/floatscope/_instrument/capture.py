@@ -130,6 +130,7 @@ class Window:
     cuda_rng: list[torch.Tensor] | None
     events: list[Any] = field(default_factory=list)
     produced: set[int] = field(default_factory=set)   # ids of tensors the window's events made
+    checked: set[int] = field(default_factory=set)    # ids of tensors the script checked or read
     checked_upto: int = 0
     checked_losses: int = 0
     truncated: bool = False
@@ -368,8 +369,8 @@ def _classify(func: Any) -> int:
         kind = _ENTER
     elif name.startswith("_record_function_exit"):
         kind = _EXIT
-    elif "record_function" in name or name in ("__repr__", "__format__", "__str__"):
-        kind = _PASS
+    elif "record_function" in name or name in ("__repr__", "__format__", "__str__") or name in _ALLOC:
+        kind = _PASS  # uninitialised memory (what torch.load fills) holds data, not computed values
     elif (name.endswith("_") and not name.endswith("__")) or name in _INPLACE_DUNDERS:
         kind = _INPLACE
     else:
@@ -388,6 +389,7 @@ _RANDOM = {"rand", "randn", "randint", "randperm", "rand_like", "randn_like", "r
 
 
 _IS_RANDOM: dict[Any, bool] = {}
+_ALLOC = {"empty", "empty_like", "new_empty", "empty_strided", "new_empty_strided"}
 
 
 class _StepMode(TorchFunctionMode):
@@ -799,6 +801,7 @@ class StepCapture:
         self.coverage.calls += 1
         if kind == _CHECK:
             self.checks_pending = True
+            self.window.checked.update(id(a) for a in args if isinstance(a, torch.Tensor))
         if not self.window.truncated:
             self._record(Call(func, args, kwargs, out, frame, autocast_state(), grad, kind == _INPLACE, before, rng))
             produced = self.window.produced
@@ -827,6 +830,8 @@ class StepCapture:
         self.coverage.reads += 1
         self._end_update_group()
         nonfinite = t.is_floating_point() and _host_nonfinite(func, t, out)
+        if t.is_floating_point():
+            self.window.checked.add(id(t))
         if nonfinite or self.checks_pending:
             self.checks_pending = False
             self.listener.read(t, self._frame(), nonfinite)

@@ -303,7 +303,7 @@ class OpTracer:
             return out
         out_flags = _nonfinite_flags(outputs)
         produced = producers[0] if ops.is_(base, ops.MOVE) and producers and producers[0] else name
-        exact_zero = _zeros_are_exact(base, leaves, before, outputs[0]) if outputs and base.rstrip("_") in _PRODUCTS \
+        exact_zero = _zeros_are_exact(base, leaves, before, outputs[0]) if outputs and base.rstrip("_") in _EXACT \
             else False
         for t in outputs:
             key = storage_key(t)
@@ -479,8 +479,11 @@ def _nonfinite_flags(tensors: list[torch.Tensor]) -> list[tuple[bool, bool]]:
     return [(bool(values[2 * k]), bool(values[2 * k + 1])) for k in range(len(tensors))]
 
 
-# Products whose zeros may be exact (a factor was 0) rather than underflowed.
+# Products whose zeros may be exact (a factor was 0) rather than underflowed, and casts whose zeros
+# may be exact (an integer count of 0) rather than values below the narrower format's range.
 _PRODUCTS = {"mul", "div", "prod", "cumprod"}
+_CASTS = {"_to_copy", "to", "_to_dtype", "copy"}
+_EXACT = _PRODUCTS | _CASTS
 
 
 def _zeros_are_exact(base: str, leaves: list[Any], inputs: list[torch.Tensor], out: torch.Tensor) -> bool:
@@ -496,6 +499,13 @@ def _zeros_are_exact(base: str, leaves: list[Any], inputs: list[torch.Tensor], o
     zero_out = out == 0
     if not bool(zero_out.any()):
         return False
+    if stem in _CASTS:
+        if not inputs:
+            return True  # from an integer or bool tensor: its zeros are exact
+        try:
+            return not bool((zero_out & ~(inputs[-1] == 0)).any())
+        except RuntimeError:
+            return False
     if stem == "mul" and inputs:
         try:
             explained = torch.zeros_like(zero_out)
