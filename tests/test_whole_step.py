@@ -389,6 +389,219 @@ def test_a_checkpoint_loaded_with_nan_inside_the_script_names_the_load(tmp_path)
     assert incident.param == "2.weight"
 
 
+def test_a_checkpoint_file_with_nan_names_the_parameter_and_the_load_line(tmp_path):
+    # torch.load fills uninitialised tensors behind the dispatcher: their values are data, not computed,
+    # and load_state_dict's copy_ into the parameter is a write the next forward's check names.
+    bad = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(144, 10))
+    state = {k: v.clone() for k, v in bad.state_dict().items()}
+    state["3.weight"][2, 17] = float("nan")
+    torch.save(state, tmp_path / "ckpt.pt")
+    code, result, path = run(tmp_path, f"""
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                    torch.nn.Linear(144, 10))
+        model.load_state_dict(torch.load({str(tmp_path / "ckpt.pt")!r}))  # MARK:torch-load
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(5):
+            x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="<parameter>", phase="forward", module="3", marker="MARK:torch-load",
+                            step=0, category="parameter", model="Sequential")
+    assert incident.param == "3.weight" and incident.operands[0].nan == 1
+    assert "NaN in parameter '3.weight' before step 0" in incident.diagnosis()
+
+
+def test_a_checkpoint_file_without_nan_loads_and_trains_clean(tmp_path):
+    good = torch.nn.Linear(6, 2)
+    torch.save(good.state_dict(), tmp_path / "ok.pt")
+    code, result, _ = run(tmp_path, f"""
+        import torch
+        model = torch.nn.Linear(6, 2)
+        model.load_state_dict(torch.load({str(tmp_path / "ok.pt")!r}))
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        for step in range(4):
+            loss = model(torch.randn(8, 6)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert (code, result.status, result.steps, result.contained) == (0, "clean", 4, [])
+
+
+# --------------------------------------------------------------------------- optimizer state
+ADAM_OUTLIER = """
+    import torch
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for step in range(10):
+        x = torch.randn(16, 4)
+        if step == 3:
+            x[0] = SCALE  # one unnormalised sample
+        loss = (model(x) - 1).abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # MARK:adam-step
+"""
+
+
+def test_adam_second_moment_overflow_that_freezes_weights_is_an_optimizer_incident(tmp_path):
+    # Gradients ~1e30 are finite, the weights stay finite, but exp_avg_sq = (1-beta2) g^2 is Inf from then
+    # on and exp_avg / sqrt(inf) = 0: those weights stop training. Plain PyTorch shows nothing.
+    code, result, path = run(tmp_path, ADAM_OUTLIER.replace("SCALE", "3e30"))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="Adam.step", phase="optimizer", module="0", marker="MARK:adam-step",
+                            step=3, category="optimizer", model="Sequential")
+    assert incident.param == "0.weight" and incident.output.inf > 0
+    assert "exp_avg_sq" in incident.explanation and "stopped training" in incident.explanation
+    assert any(line.startswith("exp_avg_sq:") for line in incident.optimizer_state)
+
+
+def test_a_large_but_representable_outlier_keeps_adam_clean(tmp_path):
+    code, result, _ = run(tmp_path, ADAM_OUTLIER.replace("SCALE", "1e6"))
+    assert (code, result.status, result.steps) == (0, "clean", 10)
+
+
+# --------------------------------------------------------------------------- manual updates on modules
+TWO_HEADS = """
+    import torch
+    torch.manual_seed(0)
+    class TwoHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.a, self.b = torch.nn.Linear(4, 8), torch.nn.Linear(8, 1), torch.nn.Linear(8, 1)
+        def forward(self, x, use_b):
+            h = torch.tanh(self.body(x))
+            return self.b(h) if use_b else self.a(h)
+    model = TwoHead()
+    for step in range(6):
+        loss = model(torch.randn(16, 4), use_b=(step % 2 == 1)).pow(2).mean()
+        model.zero_grad(set_to_none=False)  # the unused head keeps an all-zero gradient
+        loss.backward()
+        for p in model.parameters():
+            if p.grad is not None:
+                UPDATE
+"""
+UPDATES = {
+    "p.data.add_": "p.data.add_(-0.1 * p.grad / p.grad.norm())  # MARK:normalised",
+    "no_grad -=": "with torch.no_grad():\n                    p -= 0.1 * p.grad / p.grad.norm()  # MARK:normalised",
+}
+
+
+@pytest.mark.parametrize("update", list(UPDATES))
+def test_a_normalised_manual_update_of_a_zero_gradient_is_the_division(tmp_path, update):
+    # The NaN is made after the first parameters were already updated: the update-phase calls are
+    # replayed on their own (they read gradients, not the changed weights).
+    code, result, path = run(tmp_path, TWO_HEADS.replace("UPDATE", UPDATES[update]))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.div.Tensor", phase="optimizer", module=None,
+                            marker="MARK:normalised", step=1, category="invalid")
+    assert incident.exact and "0/0" in incident.explanation
+
+
+def test_a_normalised_manual_update_with_an_epsilon_is_clean(tmp_path):
+    code, result, _ = run(tmp_path, TWO_HEADS.replace(
+        "UPDATE", "p.data.add_(-0.1 * p.grad / (p.grad.norm() + 1e-8))"))
+    assert (code, result.status, result.steps) == (0, "clean", 6)
+
+
+# --------------------------------------------------------------------------- contained infinities
+LOG_PRIOR = """
+    import torch
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    labels = torch.randint(0, 4, (1000,))                      # class 4 never occurs
+    prior = torch.bincount(labels, minlength=5).float() / 1000
+    log_prior = torch.log(prior)                              # MARK:log-prior
+    model = torch.nn.Linear(10, 5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(8):
+        idx = torch.randint(0, 1000, (32,))
+        y = labels[idx]
+        BREAK
+        logits = model(torch.randn(32, 10)) + log_prior
+        loss = F.cross_entropy(logits, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+"""
+
+
+def test_an_infinity_the_loss_absorbs_is_a_note_not_an_incident(tmp_path):
+    # Logit adjustment with a log class prior: log(0) = -inf for the unseen class; cross_entropy gives it
+    # probability 0 and gradient 0, so plain PyTorch trains fine. The run is clean, with a note.
+    code, result, path = run(tmp_path, LOG_PRIOR.replace("BREAK", "pass"))
+    assert (code, result.status, result.steps) == (0, "clean", 8)
+    [note] = result.contained
+    assert (note.op, note.phase, note.category, note.kind) == ("aten.log.default", "forward", "division-by-zero",
+                                                                "inf")
+    assert (note.file, note.line) == line_of("MARK:log-prior", path)
+    assert "zero numerator" in note.explanation
+    assert result.to_dict()["contained"][0]["op"] == "aten.log.default"
+
+
+def test_an_infinity_made_before_the_loop_that_reaches_the_loss_later_is_blamed_where_it_was_made(tmp_path):
+    # The unseen class turns up at step 5: the -inf logit is now the target's, the loss is inf.
+    code, result, path = run(tmp_path, LOG_PRIOR.replace("BREAK", "y[0] = 4 if step == 5 else y[0]"))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.log.default", phase="forward", module=None,
+                            marker="MARK:log-prior", step=0, category="division-by-zero")
+    assert "reached" in incident.consequence and "step 5" in incident.consequence
+    assert result.steps == 5
+
+
+def test_a_where_that_masks_a_log_of_zero_trains_clean(tmp_path):
+    # torch.where(x > 0, log(x), 0) with ReLU outputs: log(0) = -inf in the unused branch; the final
+    # ReLU's backward masks the 0 * inf gradient, so every gradient stays finite.
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1), torch.nn.ReLU())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(6):
+            rate = model(torch.randn(16, 3))
+            loss = -torch.where(rate > 0, torch.log(rate), torch.zeros_like(rate)).mean()  # MARK:where-log
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+    """)
+    assert (code, result.status, result.steps) == (0, "clean", 6)
+    assert [(c.op, c.line) for c in result.contained] == [("aten.log.default", line_of("MARK:where-log", path)[1])]
+
+
+def test_class_weights_from_integer_counts_are_a_division_by_zero(tmp_path):
+    # counts.float() of an integer count of 0 is an exact zero, not an underflow.
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        labels = torch.randint(0, 4, (500,))
+        counts = torch.bincount(labels, minlength=5).float()
+        class_w = counts.sum() / counts  # MARK:class-weights
+        model = torch.nn.Linear(10, 5)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(6):
+            idx = torch.randint(0, 500, (16,))
+            y = labels[idx]
+            if step == 4:
+                y[0] = 4  # the class the counts never saw
+            loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 10)), y, weight=class_w)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.div.Tensor", phase="forward", module=None,
+                            marker="MARK:class-weights", step=0, category="division-by-zero")
+    assert "step 4" in incident.consequence
+
+
 # --------------------------------------------------------------------------- 7. huge but finite updates
 def test_a_huge_finite_update_is_not_an_optimizer_incident_the_next_forward_is():
     torch.manual_seed(0)

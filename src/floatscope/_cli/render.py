@@ -43,7 +43,7 @@ def print_incident(incident: Incident, out: Any) -> None:
     body.add_row("where", f"{incident.file}:{incident.line}")
     if incident.code:
         body.add_row("", Text(incident.code, style="yellow"))
-    category = incident.category + ("" if incident.exact else "  (approximate: the replay did not reproduce)")
+    category = incident.category + ("" if incident.exact else "  (not replayed to an op: see why)")
     body.add_row("category", Text(category, style="magenta"))
     for i, operand in enumerate(incident.operands):
         body.add_row(f"input {i}", operand.describe())

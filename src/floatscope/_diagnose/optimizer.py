@@ -11,7 +11,7 @@ from floatscope._numerics.formats import format_of
 from floatscope._numerics.stats import operand_stats
 from floatscope._results import Incident
 
-__all__ = ["optimizer_findings", "with_optimizer_context"]
+__all__ = ["optimizer_findings", "state_findings", "with_optimizer_context"]
 
 
 def _hyper(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> dict[str, Any]:
@@ -85,3 +85,41 @@ def with_optimizer_context(incident: Incident, optimizer: torch.optim.Optimizer 
     lines, explanation, suggestions = optimizer_findings(optimizer, param)
     return replace(incident, param=param_name, optimizer_state=lines, explanation=explanation,
                    suggestions=suggestions, category="optimizer")
+
+
+def state_findings(optimizer: torch.optim.Optimizer, param: torch.Tensor, key: str,
+                   grad_absmax: float | None) -> tuple[list[str], str, list[str]]:
+    """Explain optimizer state that went non-finite while the parameter stayed finite.
+
+    Adam's ``exp_avg_sq`` is the usual one: a finite gradient above ~1e19 squares past float32's
+    range, the second moment is Inf from then on (beta2 * inf = inf), and every update
+    ``exp_avg / sqrt(inf)`` is 0: those weights silently stop training.
+    """
+    state = optimizer.state.get(param, {})
+    name = type(optimizer).__name__
+    lines = [f"{k}: {operand_stats(v).describe()}" for k, v in state.items()
+             if isinstance(v, torch.Tensor) and v.is_floating_point() and v.numel() > 1]
+    value = state.get(key)
+    stats = operand_stats(value) if isinstance(value, torch.Tensor) else None
+    dtype = str(value.dtype).removeprefix("torch.") if isinstance(value, torch.Tensor) else "float32"
+    count = f"{stats.inf} Inf and {stats.nan} NaN" if stats else "non-finite values"
+    if grad_absmax is None:
+        seen = ""
+    elif grad_absmax >= 3e38:
+        seen = " (this step's gradient norm overflowed float32: elements beyond ~1.8e19)"
+    else:
+        seen = f" (this step's gradient norm reached {grad_absmax:.3g})"
+    if key in {"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"} and stats is not None and not stats.nan:
+        explanation = (f"{name}'s {key} for this parameter holds {count}: a finite gradient squared past "
+                       f"{dtype}'s range{seen}, and a running second moment never recovers from Inf "
+                       f"(beta2 * inf = inf). The update exp_avg / sqrt({key}) is now 0 for those entries: they "
+                       f"stopped training while every weight stays finite, so nothing else shows it.")
+    else:
+        explanation = (f"{name}'s {key} for this parameter holds {count}{seen}; the next updates will carry them "
+                       f"into the weights.")
+    suggestions = ["clip gradients before the step: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)",
+                   "find the batch that produced the huge gradient (an outlier or unnormalised sample) and fix the "
+                   "data or normalise the inputs",
+                   f"reset the broken state: optimizer.state[param]['{key}'].nan_to_num_(posinf=0.0), or re-create "
+                   f"the optimizer from a checkpoint before the step"]
+    return lines, explanation, suggestions

@@ -124,20 +124,24 @@ def optimizer_incident(*, step: int, optimizer_name: str, name: str | None, modu
         step=step, phase="optimizer", kind=kind, op=f"{optimizer_name}.step", backward_node=None, module=module,
         param=name, file=frame.file, line=frame.line, category="optimizer", explanation=explanation,
         suggestions=suggestions, operands=[], output=output, code=frame.code or None, function=frame.function,
-        optimizer_state=state_lines, model=model,
+        optimizer_state=state_lines, model=model, exact=replayed,
     )
 
 
 def coarse_incident(*, step: int, phase: Phase, found: str, reason: str, stats: OperandStats | None,
                     frame: UserFrame, model: str | None, module: str | None, seconds: float | None) -> Incident:
     """The finest origin known when the op could not be named, with what was and was not replayed."""
+    fixes = ["run the failing step under floatscope.locate(step_fn) to trace it op by op",
+             "make the step deterministic (floatscope demo shows scripts that replay exactly)"]
+    if "replay is disabled" in reason:
+        fixes = ["rerun without --no-replay (watch(..., replay=True)): the replay names the op"]
+    elif "sync='lazy'" in reason:
+        fixes = ["rerun with --sync step (watch(..., sync='step')): the step is read before the parameters change"]
     return Incident(
         step=step, phase=phase, kind="nan" if stats is None or stats.nan else "inf", op="<unknown>",
         backward_node=None, module=module, param=None, file=frame.file, line=frame.line, category="unknown",
         explanation=f"non-finite values were found in {found}, but the op could not be named: {reason}.",
-        suggestions=["run the failing step under floatscope.locate(step_fn) to trace it op by op",
-                     "make the step deterministic (floatscope demo shows scripts that replay exactly)"],
-        operands=[stats] if stats else [], exact=False, replay_seconds=seconds, code=frame.code or None,
+        suggestions=fixes, operands=[stats] if stats else [], exact=False, replay_seconds=seconds, code=frame.code or None,
         function=frame.function if frame.known else None, model=model,
     )
 
@@ -157,7 +161,8 @@ def collapse_incident(*, step: int, scale: float, history: list[float], skips: i
         "or train in bfloat16 (no GradScaler needed)"]
     base = detail or Incident(step=step, phase="backward", kind="inf", op="GradScaler.update", backward_node=None,
                               module=None, param=None, file=UNKNOWN_FRAME.file, line=0,
-                              category="loss-scale-collapse", explanation="", suggestions=[], operands=[])
+                              category="loss-scale-collapse", explanation="", suggestions=[], operands=[],
+                              exact=False)
     return replace(base, step=step, category="loss-scale-collapse", explanation=explanation,
                    suggestions=suggestions, replay_seconds=seconds)
 

@@ -35,7 +35,7 @@ import torch
 
 from floatscope._diagnose import triage
 from floatscope._diagnose.diagnose import incident_from_event
-from floatscope._diagnose.optimizer import optimizer_findings, with_optimizer_context
+from floatscope._diagnose.optimizer import optimizer_findings, state_findings, with_optimizer_context
 from floatscope._errors import NonFiniteError, UsageError
 from floatscope._events import UNKNOWN_FRAME, UserFrame
 from floatscope._engines.recorder import RunRecorder
@@ -199,8 +199,14 @@ class Watch(CaptureListener):
         # Non-finite values that have not reached a loss, gradient, parameter or read (yet), by location:
         # the diagnosis, and the tensor it was found in (weakly: it may be an input of a later step).
         self._contained: dict[tuple[str, int], tuple[Incident, Any, str]] = {}
+        # Gradients so large their squares overflow (|g| >~ 1e19) were seen at this step: check the optimizer
+        # state after its update (Adam's second moment turns Inf and the weights silently stop training).
+        self._huge_grads: tuple[int, float] | None = None
+        self._huge_abs: dict[int, float] = {}
+        self._state_meta: dict[int, tuple[torch.optim.Optimizer, torch.Tensor, str, str, int]] = {}
         self._read_at: UserFrame | None = None
-        self._skipped_window: tuple[Window, list[Subject]] | None = None
+        # The last skipped step: its window, gradient subjects, and the loss scale it ran with.
+        self._skipped_window: tuple[Window, list[Subject], torch.Tensor | None, torch.Tensor | None] | None = None
         self._seen_optimizers: dict[int, torch.optim.Optimizer] = {}
         self._step_frame: dict[int, UserFrame] = {}
         self._health_params: tuple[int, list[str], list[torch.Tensor]] | None = None
@@ -333,6 +339,8 @@ class Watch(CaptureListener):
                 self._configured.add(id(optimizer))
                 self._recorder.optimizer(optimizer, self._probe.last_scaler or self._scaler)
             named = self._named_params(optimizer)
+            if self._huge_grads is not None and self._huge_grads[0] < step:
+                self._queue_state(optimizer, window, self._huge_grads[0])
             grads = [(n, g) for n, g in ((n, p.grad) for n, p in named) if g is not None and g.layout == _STRIDED]
             self._capture.grads_pending = None
             self._queue_grads(window, grads, step)
@@ -378,6 +386,7 @@ class Watch(CaptureListener):
             self._recorder.flush(capture.clock.index - lag, steps=capture.clock.completed, skipped=self._probe.skipped)
             return
         window = capture.window
+        self._queue_window(window)  # the calls that computed the updates, before the window closes
         for u in updates:
             if getattr(u.func, "__name__", "") in _WRITES:
                 # Values written as they are (a checkpoint load, an assignment) are data: the parameter is
@@ -397,7 +406,11 @@ class Watch(CaptureListener):
         grads = [(n, g) for n, g in ((n, p.grad) for n, p in named) if g is not None and g.layout == _STRIDED]
         self._capture.grads_pending = None
         group = self._queue_grads(window, grads, window.iteration)
-        self._skipped_window = (window, [group.subject(i) for i in range(len(group.tensors))] if group else [])
+        scale = getattr(self._probe.last_scaler, "_scale", None)
+        with self._capture.own():
+            saved = scale.detach().clone() if isinstance(scale, torch.Tensor) else None  # update() changes it in place
+        self._skipped_window = (window, [group.subject(i) for i in range(len(group.tensors))] if group else [],
+                                scale if saved is not None else None, saved)
         self._recorder.step(window.iteration, loss=None, grad_norm=None, loss_scale=None, skipped=True)
         self._read(self._channel.transfer(), skipped=True)
 
@@ -446,6 +459,7 @@ class Watch(CaptureListener):
             named = self._named_params(optimizer)
             self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
                                       window=window.index, step=step))
+            self._queue_state(optimizer, window, self._huge_grads[0] if self._huge_grads else step)
         self._queue_scale(window.iteration)
         self._read(self._channel.transfer(blocking=True))
 
@@ -494,6 +508,31 @@ class Watch(CaptureListener):
         if isinstance(scale, torch.Tensor) and scaler.is_enabled():
             self._channel.record(Payload("scale", scale.reshape(()), step))
 
+    def _queue_state(self, optimizer: torch.optim.Optimizer, window: Window, step: int) -> None:
+        """Check the optimizer's state tensors (moments, momentum buffers) after the update of ``step``."""
+        self._huge_grads = None
+        tensors, names = [], []
+        for name, p in self._named_params(optimizer):
+            for key, value in optimizer.state.get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel() > 1:
+                    tensors.append(value)
+                    names.append(name)
+                    self._state_meta[id(value)] = (optimizer, p, name, key, step)
+        if tensors:
+            self._channel.check(Group("state", tensors, names, order=-1, window=window.index, step=step))
+
+    def _state_incident(self, s: Subject) -> Incident:
+        optimizer, param, name, key, step = self._state_meta[id(s.tensor)]
+        lines, explanation, suggestions = state_findings(optimizer, param, key,
+                                                         self._huge_abs.get(step) if self._huge_abs else None)
+        owner = self._capture.leaves.owner.get(id(param))
+        return triage.optimizer_incident(
+            step=step, optimizer_name=type(optimizer).__name__, name=name,
+            module=_module_of(name) if owner is not None else None,
+            model=self._labels.get(id(owner)) if owner is not None else None,
+            frame=self._step_frame.get(id(optimizer), UNKNOWN_FRAME), output=operand_stats(s.tensor.detach()),
+            state_lines=lines, explanation=explanation, suggestions=suggestions, replayed=True)
+
     def _weights_due(self, step: int) -> bool:
         """Weight fingerprints (after the update of ``step``) for the first steps and every sampled step.
 
@@ -539,6 +578,10 @@ class Watch(CaptureListener):
                 total = math.sqrt(math.fsum(v * v for v in values)) if all(math.isfinite(v) for v in values) else (
                     math.nan if any(math.isnan(v) for v in values) else math.inf)
                 recorder.step(step, loss=None, grad_norm=total, loss_scale=None, skipped=skipped)
+                largest = max((v for v in values if math.isfinite(v)), default=0.0)
+                if largest >= _HUGE_GRAD and not skipped:
+                    self._huge_grads = (step, largest)
+                    self._huge_abs[step] = largest
                 self._step_norms[step] = total  # the latest read of a step's gradients (accumulated) wins
                 if len(self._step_norms) > _RECENT_NORMS:
                     del self._step_norms[min(self._step_norms)]
@@ -616,6 +659,10 @@ class Watch(CaptureListener):
 
     def _diagnose(self, bad: list[Subject]) -> Incident | None:
         capture = self._capture
+        states = [s for s in bad if s.role == "state"]
+        if states and len(states) == len(bad):
+            return self._state_incident(states[0])
+        bad = [s for s in bad if s.role != "state"] or bad
         first = min(bad, key=_timeline)
         window = self._windows.get(first.window, capture.window if first.window == capture.window.index else None)
         step = first.step if first.step >= 0 else (window.iteration if window else capture.clock.index)
@@ -631,6 +678,17 @@ class Watch(CaptureListener):
         found = self._bad_input(window, step, nan_only=True)
         if found is not None:
             return found
+        # A hand-written update is read after it ran: the values it was computed from are the origin when
+        # they are non-finite too; otherwise the update itself made the parameter non-finite.
+        updates = [s for s in bad if s.role == "update"]
+        bad = [s for s in bad if s.role != "update"]
+        if not bad:
+            first = min(updates, key=_timeline)
+            leaf = capture.leaves.lookup(first.tensor)
+            return self._update_finding(first.event, first.name or "", leaf[0] if leaf else first.tensor)
+        first = min(bad, key=_timeline)
+        window = self._windows.get(first.window, window)
+        step = first.step if first.step >= 0 else window.iteration
         stale = self._replayer.stale(window, [s for s in bad if s.window == window.index])
         if not self._replay:
             return self._coarse(bad, step, "replay is disabled (replay=False / --no-replay)", window)
@@ -712,9 +770,7 @@ class Watch(CaptureListener):
         because of what the window computed: it is not evidence about the window.
         """
         capture = self._capture
-        written = {id(s.tensor) for s in bad if s.role in ("update", "param", "initial")}
-        candidates = [(n, t) for n, t in capture.leaves.items()
-                      if capture.written_at.get(id(t), 0) <= window.writes or id(t) in written]
+        candidates = [(n, t) for n, t in capture.leaves.items() if capture.written_at.get(id(t), 0) <= window.writes]
         if not candidates:
             return None
         with torch.no_grad():
@@ -750,16 +806,7 @@ class Watch(CaptureListener):
                         f"{update.frame.file}:{update.frame.line} (a checkpoint load or an assignment), not an "
                         f"update computed from gradients.")
         if kind == "manual":
-            update: Update = who
-            for a in update.args[1:]:
-                origin = self._contained_origin(a) if isinstance(a, torch.Tensor) else None
-                if origin is not None:  # the update's operand was diagnosed where it was computed
-                    return triage.contained_reached(origin, reached=f"parameter '{name}'", step=iteration)
-            operands = [operand_stats(a.detach()) for a in update.args[1:] if isinstance(a, torch.Tensor)
-                        and a.is_floating_point()]
-            op = f"aten.{getattr(update.func, '__name__', 'update')}"
-            return triage.manual_update_incident(step=iteration, op=op, name=name, module=module, model=model,
-                                                 frame=update.frame, before=None, operands=operands, after=stats)
+            return self._update_finding(who, name, param)
         optimizer: torch.optim.Optimizer = who
         snapshot = self._snapshots.get(id(optimizer))
         frame = self._step_frame.get(id(optimizer), UNKNOWN_FRAME)
@@ -781,6 +828,21 @@ class Watch(CaptureListener):
         return triage.optimizer_incident(step=iteration, optimizer_name=type(optimizer).__name__, name=name,
                                          module=module, model=model, frame=frame, output=stats, state_lines=lines,
                                          explanation=explanation, suggestions=suggestions, replayed=False)
+
+    def _update_finding(self, update: Update, name: str, param: torch.Tensor) -> Incident:
+        """A hand-written in-place update made ``param`` non-finite: from a non-finite operand, or by overflow."""
+        for a in update.args[1:]:
+            origin = self._contained_origin(a) if isinstance(a, torch.Tensor) else None
+            if origin is not None:  # the update's operand was diagnosed where it was computed
+                return triage.contained_reached(origin, reached=f"parameter '{name}'", step=update.iteration)
+        owner = self._capture.leaves.owner.get(id(param))
+        operands = [operand_stats(a.detach()) for a in update.args[1:] if isinstance(a, torch.Tensor)
+                    and a.is_floating_point()]
+        op = f"aten.{getattr(update.func, '__name__', 'update')}"
+        return triage.manual_update_incident(
+            step=update.iteration, op=op, name=name, module=_module_of(name) if owner is not None else None,
+            model=self._labels.get(id(owner)) if owner is not None else None, frame=update.frame, before=None,
+            operands=operands, after=operand_stats(param.detach()))
 
     def _used_leaves(self, window: Window) -> set[int]:
         """ids of the leaves the window's root calls and torch calls used."""
@@ -920,29 +982,39 @@ class Watch(CaptureListener):
             detail = None
             seconds = 0.0
             if self._skipped_window is not None and self._replay:
-                window, subjects = self._skipped_window
+                window, subjects, live, saved = self._skipped_window
                 start = time.perf_counter()
+                now = live.detach().clone() if live is not None else None
                 try:
+                    if live is not None:
+                        with torch.no_grad():
+                            live.copy_(saved)  # replay the skipped step with the scale it ran with
                     result = self._replayer.replay(window, subjects, self._labels)
                     found = result.tracer.origin_for(result.sinks)
                     if found is not None:
-                        detail = incident_from_event(found[0], found[1], step=self._capture.clock.index)
+                        detail = incident_from_event(found[0], found[1], step=window.iteration)
                 except Exception:  # noqa: BLE001 - the collapse is reported even when the replay fails
                     detail = None
+                finally:
+                    if live is not None:
+                        with torch.no_grad():
+                            live.copy_(now)
                 seconds = time.perf_counter() - start
             self._report(triage.collapse_incident(step=self._capture.clock.index, scale=scale, history=self._scales,
                                                   skips=probe.consecutive, detail=detail, seconds=seconds))
 
 
+_HUGE_GRAD = 1e19   # a gradient norm at which squared gradients near float32's range (max 3.4e38)
 _MAX_CONTAINED = 8  # distinct locations of contained non-finite values diagnosed per run
 # In-place ops that write given values into a parameter (load_state_dict, assignment), not updates.
 _WRITES = {"copy_", "__setitem__", "fill_", "set_", "index_put_", "masked_fill_", "zero_"}
 # Roles whose non-finite values are a failure even when they were written on purpose (a -inf loss).
-_SERIOUS = {"loss", "grad", "grad-result", "param", "update", "initial"}
+_SERIOUS = {"loss", "grad", "grad-result", "param", "update", "initial", "state"}
 _ROLE_WORDS = {"output": "a model's output", "call": "a value computed outside the models", "loss": "the loss",
                "grad": "the gradients", "grad-result": "the gradients torch.autograd.grad returned",
                "param": "the parameters", "update": "a parameter after an in-place update",
-               "checked": "a value the script checked", "initial": "the parameters before the first step"}
+               "checked": "a value the script checked", "initial": "the parameters before the first step",
+               "state": "the optimizer state"}
 
 
 def _distinct(incidents: list[Incident]) -> list[Incident]:

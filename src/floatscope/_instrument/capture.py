@@ -410,7 +410,15 @@ class _StepMode(TorchFunctionMode):
             if capture.grads_pending is not None and not (capture.quiet or capture.suspended or capture.depth):
                 capture.listener.before_grads_cleared()
             return func(*args, **(kwargs or {}))
-        return self.capture.on_call(kind, func, args, kwargs or {})
+        capture = self.capture
+        if kind == _CALL and _int_only(args) and not kwargs and capture.idle_for_int():
+            # Index arithmetic and token slicing: no float value, nothing to record (fast path).
+            out = func(*args)
+            capture.coverage.calls += 1
+            if _is_float(out):  # an integer count turned into float (counts.float(), int / int)
+                capture.record_late(func, args, out, frame_from(sys._getframe(1)))
+            return out
+        return capture.on_call(kind, func, args, kwargs or {})
 
 
 def _float_outputs(out: Any) -> list[torch.Tensor]:
@@ -762,6 +770,21 @@ class StepCapture:
     def _frame(self) -> UserFrame:
         return frame_from(sys._getframe(3))
 
+    def idle_for_int(self) -> bool:
+        """No state that needs the full path for an integer-only call (see ``_StepMode``)."""
+        return not (self.quiet or self.suspended or self.depth or self.in_optimizer or self.in_backward
+                    or self.loading)
+
+    def record_late(self, func: Any, args: tuple[Any, ...], out: Any, frame: UserFrame) -> None:
+        """Record an integer-input call whose output is float (taken by the fast path)."""
+        if not self.window.truncated:
+            self._record(Call(func, args, {}, out, frame, autocast_state(), torch.is_grad_enabled(), False, None,
+                              None))
+            if isinstance(out, torch.Tensor):
+                self.window.produced.add(id(out))
+            else:
+                self.window.produced.update(id(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
+
     def _call(self, kind: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         grad = torch.is_grad_enabled()
         builds_graph = grad and _needs_grad(args, kwargs)
@@ -794,15 +817,17 @@ class StepCapture:
                 _IS_RANDOM[func] = random
             except TypeError:
                 pass
-        if random:
+        if random and (func not in _INT_RANDOM or _float_dtype(kwargs)):
             rng = torch.get_rng_state()
-        frame = self._frame()
         out = func(*args, **kwargs)
         self.coverage.calls += 1
         if kind == _CHECK:
             self.checks_pending = True
             self.window.checked.update(id(a) for a in args if isinstance(a, torch.Tensor))
-        if not self.window.truncated:
+        # Integer and bool work (index arithmetic, slicing a token tensor, masks) makes no float value: it
+        # is not recorded, and a replay reads its results as they are.
+        if not self.window.truncated and (_is_float(out) or _any_float(args, kwargs)):
+            frame = self._frame()
             self._record(Call(func, args, kwargs, out, frame, autocast_state(), grad, kind == _INPLACE, before, rng))
             produced = self.window.produced
             if isinstance(out, torch.Tensor):
@@ -971,6 +996,55 @@ class _Own:
     def __exit__(self, *exc: object) -> None:
         if self.popped:
             self.capture._push()
+
+
+_INT_RANDOM = {torch.randint, torch.randperm, torch.randint_like, torch.multinomial,
+               torch._C.TensorBase.multinomial, torch._C.TensorBase.random_}
+
+
+def _int_only(args: tuple[Any, ...]) -> bool:
+    """At least one tensor argument, and every tensor argument integer or bool (none can need grad)."""
+    seen = False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point() or a.is_complex():
+                return False
+            seen = True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor):
+                    if b.is_floating_point() or b.is_complex():
+                        return False
+                    seen = True
+    return seen
+
+
+def _float_dtype(kwargs: dict[str, Any]) -> bool:
+    dtype = kwargs.get("dtype")
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
+def _is_float(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return out.is_floating_point()
+    if isinstance(out, (list, tuple)):
+        return any(_is_float(o) for o in out)
+    return False
+
+
+def _any_float(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if a.is_floating_point():
+                return True
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, torch.Tensor) and b.is_floating_point():
+                    return True
+    for a in kwargs.values():
+        if isinstance(a, torch.Tensor) and a.is_floating_point():
+            return True
+    return False
 
 
 def _needs_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:

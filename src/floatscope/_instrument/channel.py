@@ -33,7 +33,7 @@ import torch
 __all__ = ["Subject", "Group", "Payload", "Reading", "StepChannel", "SyncPolicy"]
 
 SyncPolicy = Literal["auto", "step", "lazy"]
-Role = Literal["output", "call", "loss", "grad", "param", "update", "checked", "grad-result", "initial"]
+Role = Literal["output", "call", "loss", "grad", "param", "update", "checked", "grad-result", "initial", "state"]
 _HALF = (torch.float16, torch.bfloat16)
 _F32_MAX = 3.4028234663852886e38
 

@@ -98,8 +98,11 @@ class Replayer:
             if window.cuda_rng is not None:
                 torch.cuda.set_rng_state_all(window.cuda_rng)
             first_backward = next((i for i, e in enumerate(window.events) if isinstance(e, Backward)), None)
+            # After a backward, a call that builds no graph (no_grad, or only gradients and detached data as
+            # inputs, as in p.data.add_(-lr * p.grad)) is part of a hand-written update.
             update_phase = {id(e) for i, e in enumerate(window.events) if first_backward is not None
-                            and i > first_backward and isinstance(e, Call) and not e.grad_enabled}
+                            and i > first_backward and isinstance(e, Call)
+                            and (not e.grad_enabled or not any(t.requires_grad for t in _inputs_of(e)))}
             with tracer:
                 for event in [*_prefix(window, history), *events]:
                     if isinstance(event, Pass):
