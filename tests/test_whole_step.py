@@ -832,3 +832,36 @@ def test_a_float_read_of_an_overflowed_loss_is_found_at_its_origin(tmp_path):
     incident = assert_found(result, path, op="aten.pow.Tensor_Scalar", phase="forward", module=None,
                             marker="MARK:overflow-loss", step=1, category="overflow")
     assert "read" in (incident.consequence or "")
+
+
+def test_an_inference_loop_counts_every_model_call_as_a_step(tmp_path):
+    code, result, _ = run(tmp_path, """
+        import torch
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Softmax(-1)).eval()
+        with torch.no_grad():
+            for step in range(20):
+                p = model(torch.randn(4, 8))
+                if torch.isnan(p).any():
+                    print("nan")
+    """)
+    assert (code, result.status, result.steps) == (0, "clean", 20)
+
+
+def test_the_std_of_a_single_sample_is_explained_as_bessels_correction(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(5, 3)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(4):
+            h = model(torch.randn(1 if step == 2 else 8, 5))  # the last, partial batch holds one sample
+            z = (h - h.mean(0)) / (h.std(0) + 1e-5)  # MARK:batch-std
+            loss = z.pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.std.correction", phase="forward", module=None,
+                            marker="MARK:batch-std", step=2, category="invalid")
+    assert "n - 1 = 0" in incident.explanation and "drop_last" in " ".join(incident.suggestions)

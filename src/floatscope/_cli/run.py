@@ -139,7 +139,11 @@ def main(args: argparse.Namespace) -> int:
                               replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips,
                               health_every=args.health_every, exact_optimizer=args.exact_optimizer,
                               sync=args.sync)
-    print_result(result, console(stderr=True), store_path=store)
-    if args.json:
+    if args.json:  # first: a closed pipe on the terminal output must not lose it
         write_json(args.json, result.to_dict())
+    try:
+        print_result(result, console(stderr=True), store_path=store)
+    except BrokenPipeError:  # floatscope run ... 2>&1 | head
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
     return code

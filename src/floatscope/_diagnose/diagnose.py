@@ -91,7 +91,8 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                       "skip constant inputs, or use torch.nn.functional.normalize(x, eps=1e-12)"]
     if fwd_base in {"acos", "asin"}:
         side = "gradient -1/sqrt(1-x^2) is infinite at |x| = 1" if backward else "acos/asin is undefined for |x| > 1"
-        return (f"{fwd_base} {side}; inputs reach {_fmt(max(abs(ops[0].min), abs(ops[0].max)) if ops else math.nan)}"
+        reach = max(abs(ops[0].min), abs(ops[0].max)) if ops else math.nan
+        return (f"{fwd_base} {side}; inputs reach {reach:.9g}"
                 f" (rounding of a cosine similarity or dot product pushes them to or past 1)."), [
             f"clamp the argument: torch.{fwd_base}(x.clamp(-1 + 1e-6, 1 - 1e-6))",
             "for angles between vectors, use torch.atan2(cross_norm, dot), which is stable at the boundary"]
@@ -176,7 +177,7 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             return text, ["keep this tensor in float32 (or bfloat16, which has float32's range)",
                           "rescale the values before the cast (normalise inputs, lower the learning rate)"]
         if _is(fwd_base, kinds.MATMUL | kinds.REDUCTION) or fwd_base in {"mul", "add", "sub", "pow"}:
-            ranges = ", ".join(f"|x| <= {_fmt(o.absmax)}" for o in ops[:2])
+            ranges = ", ".join(f"|x| <= {_fmt(o.absmax)}" for o in ops)
             text = (f"{fwd_base} overflowed {event.output.dtype}: operands are finite ({ranges}) but the result "
                     f"exceeds max {limit:.4g}.")
             fixes = []
@@ -185,8 +186,11 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
                              "(torch.autocast(..., enabled=False) around it)")
             fixes += ["find why activations or weights grew this large: lower the learning rate, clip gradients "
                       "(torch.nn.utils.clip_grad_norm_), add normalisation"]
-            if _is(fwd_base, kinds.REDUCTION):
+            if _is(fwd_base, kinds.REDUCTION) and event.output.dtype in ("float16", "bfloat16"):
                 fixes.append("accumulate in float32: x.sum(dtype=torch.float32)")
+            elif _is(fwd_base, kinds.REDUCTION):
+                fixes.append("rescale before reducing (divide by the count first: x.mean() rather than x.sum() / n), "
+                             "or accumulate in float64 if the magnitudes are real")
             return text, fixes
         return (f"{fwd_base} produced Inf from finite inputs in {event.output.dtype} (max {limit:.4g})."), [
             "compute in a wider format or rescale the inputs"]
@@ -232,6 +236,14 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
         if fwd_base in {"mul"}:
             return "0 * Inf is NaN: one operand was infinite where the other was zero.", [
                 "find where the infinity came from (an earlier overflow) and fix that op"]
+        if fwd_base in {"std", "var", "std_mean", "var_mean"} and ops and event.output.shape is not None:
+            n = math.prod(ops[0].shape) // max(1, math.prod(event.output.shape or [1]))
+            if n <= 1:
+                return (f"{fwd_base} over {n} element(s): the unbiased estimate divides by n - 1 = {n - 1} "
+                        f"(Bessel's correction), so it is 0/0 = NaN (a batch or group of one sample)."), [
+                    "skip the statistic for groups of one sample, or use correction=0 (the biased estimate)",
+                    "for normalisation over a batch, make sure batches hold more than one sample "
+                    "(DataLoader(drop_last=True)) or use LayerNorm/GroupNorm, which normalise within a sample"]
         return f"{fwd_base} produced NaN from inputs without NaN (an invalid operation).", [
             "check the op's domain and the inputs' range listed above"]
     return f"{fwd_base} produced a non-finite value.", ["check the inputs' range listed above"]

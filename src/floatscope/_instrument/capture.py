@@ -934,8 +934,10 @@ class StepCapture:
         self.new_window()
 
     def finish(self) -> None:
-        """End what is open (an update group) before the final read."""
+        """End what is open (an update group; the last inference call's iteration) before the final read."""
         self._end_update_group()
+        if self.window.passes:
+            self.clock.inference_call()  # counts only in a run that never computed a gradient
 
     # ------------------------------------------------------------------ subjects for a transfer
     def take_subjects(self) -> list[Subject]:
