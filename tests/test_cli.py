@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from floatscope import RunStore
+import floatscope.runs as fr
 
 CLI = [sys.executable, "-m", "floatscope"]
 
@@ -51,9 +51,7 @@ def test_clean_script_exits_0_and_records_the_run(tmp_path):
     assert "step 2" in proc.stdout and "step 3" not in proc.stdout  # ARGS reached the script
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["status"] == "clean" and result["steps"] == 3 and result["incident"] is None
-    store = RunStore(tmp_path / ".floatscope" / "runs.sqlite")
-    assert store.get(result["run_id"]).status == "clean"
-    store.close()
+    assert fr.load_run(result["run_id"], store=tmp_path / ".floatscope" / "runs.sqlite").status == "clean"
     assert script.exists()
 
 
@@ -146,13 +144,12 @@ def test_kill_9_keeps_what_was_committed(tmp_path):
     """)
     proc = floatscope("run", "killed.py", cwd=tmp_path)
     assert proc.returncode == -signal.SIGKILL
-    store = RunStore(tmp_path / ".floatscope" / "runs.sqlite")
-    record = store.runs()[0]
-    assert record.status == "running"
-    assert len(store.steps(record.id)) >= 6
-    store.close()
+    store = tmp_path / ".floatscope" / "runs.sqlite"
+    record = fr.list_runs(store)[0]
+    assert (record.status, record.recorded_status) == ("died", "running")  # its pid is gone
+    assert len(fr.steps(record.id, store=store)) >= 6
     shown = floatscope("show", "last", cwd=tmp_path)
-    assert shown.returncode == 0 and "never finished" in shown.stdout
+    assert shown.returncode == 0 and "the process died" in shown.stdout
 
 
 def test_demo_diagnoses_every_bundled_example(tmp_path):
@@ -165,15 +162,13 @@ def test_demo_diagnoses_every_bundled_example(tmp_path):
         section = out[out.index(name):]
         assert op in section[:3000], f"{name}: {op} not in its diagnosis"
     assert "missed" not in out
-    store = RunStore(tmp_path / ".floatscope" / "runs.sqlite")
-    runs = store.runs()
+    runs = fr.list_runs(tmp_path / ".floatscope" / "runs.sqlite")
     assert len(runs) == 6 and all(r.status == "nonfinite" for r in runs)
     ops = {r.name: r.incident.op for r in runs}
     assert ops["demo:fp16_exp_overflow"] == "aten.exp.default"
     assert ops["demo:sqrt_at_zero"] == "aten.sqrt.default"
     assert ops["demo:adam_fp16_eps"] == "Adam.step"
     assert {r.incident.phase for r in runs} == {"forward", "backward", "optimizer"}
-    store.close()
 
 
 def test_import_has_no_side_effects():

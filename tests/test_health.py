@@ -12,20 +12,15 @@ import torch
 import torch.nn.functional as F
 
 import floatscope
-from floatscope import RunStore
-from floatscope._diagnose.diff import diff_runs
-from floatscope._diagnose.health import KINDS, findings_for
+import floatscope.runs as fr
+from floatscope.runs import KINDS
 from conftest import render_in_browser
 
 CLI = [sys.executable, "-m", "floatscope"]
 
 
 def _findings(store_path, run_id):
-    store = RunStore(store_path)
-    try:
-        return findings_for(store, run_id)
-    finally:
-        store.close()
+    return fr.findings(run_id, store=store_path)
 
 
 # ----------------------------------------------------------------------------------- healthy set
@@ -293,11 +288,7 @@ def diff_runs_store(tmp_path_factory):
 ])
 def test_diff_names_the_difference_and_the_first_divergent_step(diff_runs_store, variant, cause, key, step, tensor):
     path, ids = diff_runs_store
-    store = RunStore(path)
-    try:
-        result = diff_runs(store, ids["base"], store, ids[variant], exact=True)
-    finally:
-        store.close()
+    result = fr.diff(ids["base"], ids[variant], store=path, exact=True)
     assert result.causes == [cause], result.causes
     assert key in {d.key for d in result.config_differences}
     assert (result.first_divergent_step, result.first_divergent_tensor) == (step, tensor)

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import floatscope
-from floatscope import NonFiniteError, RunStore, UsageError
+import floatscope.runs as fr
+from floatscope import NonFiniteError, UsageError
 from conftest import line_of, torch_global_state
 
 
@@ -35,13 +36,11 @@ def test_healthy_fp32_training_is_clean_and_recorded(store_path):
             opt.step()
     assert w.result.status == "clean" and w.result.incident is None
     assert w.result.steps == 20 and w.result.skipped_steps == 0
-    store = RunStore(store_path)
-    steps = store.steps(w.run_id)
+    steps = fr.steps(w.run_id, store=store_path)
     assert [s.step for s in steps] == list(range(20))
     assert all(s.loss is not None and 0 < s.loss < 5 and s.grad_norm > 0 for s in steps)
-    record = store.get(w.run_id)
+    record = fr.load_run(w.run_id, store=store_path)
     assert record.status == "clean" and record.env["torch"] == torch.__version__
-    store.close()
 
 
 def test_healthy_bf16_autocast_training_is_clean():
@@ -331,9 +330,7 @@ def test_nan_losses_stay_visible_in_the_store(store_path):
             opt.zero_grad()
             loss.backward()
             opt.step()
-    store = RunStore(store_path)
-    steps = store.steps(w.run_id)
-    store.close()
+    steps = fr.steps(w.run_id, store=store_path)
     assert math.isnan(steps[1].loss) and math.isnan(steps[1].grad_norm)  # not dropped to NULL
     assert math.isfinite(steps[0].loss)
 

@@ -46,8 +46,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # floatscope.precision and floatscope.compare load on first use (PEP 562), keeping import light.
-    if name in ("precision", "compare"):
+    # floatscope.precision, floatscope.compare and floatscope.runs load on first use (PEP 562).
+    if name in ("precision", "compare", "runs"):
         import importlib
 
         return importlib.import_module(f"floatscope.{name}")

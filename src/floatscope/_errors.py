@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from floatscope._results import Incident
 
-__all__ = ["FloatscopeError", "NonFiniteError", "UsageError", "StoreError"]
+__all__ = ["FloatscopeError", "NonFiniteError", "UsageError", "StoreError", "Terminated"]
 
 
 class FloatscopeError(Exception):
@@ -31,3 +31,12 @@ class UsageError(FloatscopeError, ValueError):
 
 class StoreError(FloatscopeError, OSError):
     """The run store is missing, corrupt or not a floatscope store."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (SLURM preemption, ``docker stop``, ``kill``) while a watch was active.
+
+    Raised in the main thread by the handler a watch installs when the process has none, so the
+    watched block ends through its ``with`` exit: the run is recorded as ``terminated`` and
+    ``floatscope run`` exits 143 (128 + SIGTERM), as an unhandled SIGTERM would.
+    """

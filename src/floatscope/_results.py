@@ -22,7 +22,7 @@ Category = Literal[
     "parameter",
     "unknown",
 ]
-Status = Literal["clean", "nonfinite", "error", "unwatched"]
+Status = Literal["clean", "nonfinite", "error", "unwatched", "interrupted", "terminated"]
 
 
 def to_json_value(value: Any) -> Any:
@@ -202,6 +202,8 @@ class RunResult:
     error: str | None = None
     watched: dict[str, int] = field(default_factory=dict)
     contained: list[Incident] = field(default_factory=list)
+    exit_code: int | None = None          # floatscope run's exit status (None for the Python API)
+    script_exit_code: int | None = None   # the script's own sys.exit status, when it called one
 
     def to_dict(self) -> dict[str, Any]:
         data = to_json_value(asdict(self))

@@ -9,7 +9,7 @@ from typing import Any
 
 from floatscope._cli.render import console, write_json
 from floatscope._cli.run import add_store_option
-from floatscope._cli.store_cmds import _open
+from floatscope._cli.store_cmds import open_reader
 from floatscope._errors import UsageError
 from floatscope._store.sqlite import RunStore
 
@@ -50,8 +50,8 @@ def add_parsers(sub: Any) -> None:
 def _store_and_run(spec: str, default_store: str) -> tuple[RunStore, str]:
     head, sep, tail = spec.rpartition(":")
     if sep and head and Path(head).is_file():
-        return _open(head), tail
-    return _open(default_store), spec
+        return open_reader(head), tail
+    return open_reader(default_store), spec
 
 
 def health_main(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from floatscope._cli import compare, demo, determinism, formats, health_cmds, precision, run, store_cmds
-from floatscope._cli.render import fail
+from floatscope._cli.render import check_json_path, fail
 from floatscope._errors import FloatscopeError
 
 __all__ = ["main", "build_parser"]
@@ -16,8 +16,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="floatscope",
         description="Find, explain and fix floating-point failures in PyTorch models.",
-        epilog="Exit status: 0 clean, 1 the script failed, 2 bad input or a missing optional dependency, "
-               "3 a NaN/Inf incident was found.",
+        epilog=("Exit status of every command: 0 success (no incident), 2 bad input or a missing optional "
+                "dependency, 3 a NaN/Inf incident (floatscope run, show). floatscope run adds 1 (the script failed), "
+                "130 (SIGINT), 143 (SIGTERM) and the script's own sys.exit status; see 'floatscope run --help'."),
     )
     from floatscope import __version__
 
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     try:
+        json_path = getattr(args, "json", None)
+        if isinstance(json_path, str):
+            check_json_path(json_path)  # before any work: a script must not train to the end for nothing
         return int(args.handler(args))
     except FloatscopeError as exc:
         if isinstance(exc, (ValueError, OSError, ImportError)):

@@ -7,7 +7,7 @@ from typing import Any
 
 from floatscope._results import Incident, RunResult
 
-__all__ = ["console", "print_incident", "print_result"]
+__all__ = ["console", "print_incident", "print_result", "check_json_path", "write_json"]
 
 
 def console(stderr: bool = False) -> Any:
@@ -95,6 +95,25 @@ def fmt_num(x: float | None) -> str:
     if x in (float("inf"), float("-inf")):
         return "inf" if x > 0 else "-inf"
     return f"{x:.3g}"
+
+
+def check_json_path(path: str) -> None:
+    """Refuse a ``--json PATH`` that cannot be written, before any work: every command creates a missing folder."""
+    import os
+    from pathlib import Path
+
+    from floatscope._errors import UsageError
+
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(f"--json {path} is a folder; give a file path such as {target / 'result.json'}")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--json {path}: cannot create the folder {target.parent}: {exc.strerror or exc}") from None
+    if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise UsageError(f"--json {path}: {'the file' if target.exists() else 'the folder ' + str(target.parent)} "
+                         f"is not writable for this user; pick another path")
 
 
 def write_json(path: str, data: Any) -> None:

@@ -1,22 +1,24 @@
-"""``floatscope runs`` and ``floatscope show RUN``: read the run store."""
+"""``floatscope runs`` and ``floatscope show RUN``: read the run store (read-only, never waiting on writers)."""
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, print_incident, write_json
+from floatscope._cli.render import check_json_path, console, print_incident, write_json
 from floatscope._cli.run import add_store_option
-from floatscope._errors import StoreError
-from floatscope._store.sqlite import RunStore
+from floatscope._store.sqlite import RunStore, StoreMissing
 
-__all__ = ["add_parsers"]
+__all__ = ["add_parsers", "open_reader"]
+
+_COLOURS = {"clean": "green", "nonfinite": "red", "error": "yellow", "running": "cyan", "died": "red",
+            "interrupted": "yellow", "terminated": "yellow", "unwatched": "yellow"}
 
 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("runs", help="list the runs in the store")
+    p.add_argument("--json", metavar="PATH", help="write the list as JSON to PATH")
     add_store_option(p)
     p.set_defaults(handler=runs_main)
     s = sub.add_parser("show", help="reprint a run's diagnosis")
@@ -26,36 +28,54 @@ def add_parsers(sub: Any) -> None:
     s.set_defaults(handler=show_main)
 
 
-def _open(path: str) -> RunStore:
-    if not Path(path).exists():
-        raise StoreError(f"no run store at {path}; run 'floatscope run SCRIPT' first, or pass --store PATH")
-    return RunStore(path)
+def open_reader(path: str) -> RunStore:
+    """The store at ``path``, read-only; a missing store is an error naming the fix."""
+    try:
+        return RunStore(path, readonly=True)
+    except StoreMissing as exc:
+        raise StoreMissing(f"{exc}") from None
 
 
 def runs_main(args: argparse.Namespace) -> int:
     from rich.table import Table
 
-    store = _open(args.store)
+    if args.json:
+        check_json_path(args.json)
     try:
-        table = Table(title=f"runs in {args.store}", title_justify="left")
-        for col in ("run", "started", "status", "steps", "skipped"):
-            table.add_column(col, no_wrap=True)
-        for col in ("origin", "command"):
-            table.add_column(col, overflow="fold")
-        for r in store.runs():
-            inc = r.incident
-            origin = f"{inc.op} ({inc.phase}, step {inc.step})" if inc else ""
-            colour = {"clean": "green", "nonfinite": "red", "error": "yellow"}.get(r.status, "white")
-            table.add_row(r.id, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.started)),
-                          f"[{colour}]{r.status}[/]", str(r.steps), str(r.skipped_steps), origin, r.command or "")
-        console().print(table)
-    finally:
-        store.close()
+        store = RunStore(args.store, readonly=True)
+    except StoreMissing:
+        records = []
+    else:
+        try:
+            records = store.runs()
+        finally:
+            store.close()
+    if args.json:
+        write_json(args.json, {"runs": [r.to_dict() for r in records]})
+    out = console()
+    if not records:
+        out.print(f"no runs yet in {args.store} (floatscope run SCRIPT records one)")
+        return 0
+    table = Table(title=f"runs in {args.store}", title_justify="left", pad_edge=False)
+    table.add_column("run", no_wrap=True)
+    table.add_column("started", no_wrap=True)
+    table.add_column("status", no_wrap=True)
+    table.add_column("steps", justify="right", no_wrap=True)
+    table.add_column("origin / command", overflow="ellipsis", no_wrap=True, ratio=1)
+    for r in records:
+        inc = r.incident
+        what = f"{inc.op} ({inc.phase}, step {inc.step})" if inc else (r.command or "")
+        colour = _COLOURS.get(r.status, "white")
+        table.add_row(r.id, time.strftime("%m-%d %H:%M", time.localtime(r.started)), f"[{colour}]{r.status}[/]",
+                      str(r.steps), what)
+    out.print(table)
     return 0
 
 
 def show_main(args: argparse.Namespace) -> int:
-    store = _open(args.store)
+    if args.json:
+        check_json_path(args.json)
+    store = open_reader(args.store)
     try:
         record = store.get(args.run)
         steps = store.steps(record.id)
@@ -76,7 +96,12 @@ def show_main(args: argparse.Namespace) -> int:
     if incident is not None:
         print_incident(incident, out)
     elif record.status == "running":
-        out.print("  [yellow]this run never finished (the process was killed); data up to its last commit is shown[/]")
+        out.print(f"  [cyan]still running[/] (pid {record.pid} on {record.host}); data up to its last commit is shown")
+    elif record.status == "died":
+        out.print(f"  [red]the process died[/] (pid {record.pid} on {record.host} is gone) before the run ended; "
+                  "data up to its last commit is shown")
+    elif record.status in ("interrupted", "terminated"):
+        out.print(f"  [yellow]{record.status}[/] by a signal; everything recorded before it is shown")
     else:
         out.print("  [green]no NaN/Inf incident[/]")
     if args.json:

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from floatscope._results import to_json_value
+from floatscope._store.schema import RunConfig
 from floatscope._store.sqlite import RunStore
 
 __all__ = ["RunDiff", "ConfigDifference", "DivergencePoint", "diff_runs"]
@@ -80,14 +81,14 @@ def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
         out[prefix] = value
 
 
-def _config_view(record_env: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+def _config_view(record_env: dict[str, Any], config: RunConfig) -> dict[str, Any]:
     flat: dict[str, Any] = {}
-    _flatten({k: v for k, v in config.items() if k not in _IGNORED and k != "model"}, "", flat)
-    model = config.get("model", {})
-    flat["model.type"] = model.get("type")
-    flat["model.structure"] = model.get("structure")
-    for name, spec in model.get("parameters", {}).items():
-        flat[f"model.parameters.{name}"] = spec
+    _flatten({k: v for k, v in config.to_dict().items() if k not in _IGNORED and k != "model"}, "", flat)
+    model = config.model
+    flat["model.type"] = model.type if model else None
+    flat["model.structure"] = [list(s) for s in model.structure] if model else None
+    for name, (shape, dtype) in (model.parameters if model else {}).items():
+        flat[f"model.parameters.{name}"] = [shape, dtype]
     _flatten(record_env, "env", flat)
     return flat
 
@@ -155,12 +156,12 @@ def diff_runs(store_a: RunStore, run_a: str, store_b: RunStore, run_b: str, *, e
 
     losses_a = {s.step: s.loss for s in store_a.steps(rec_a.id)}
     losses_b = {s.step: s.loss for s in store_b.steps(rec_b.id)}
-    names_a, names_b = cfg_a.get("fingerprint_params", []), cfg_b.get("fingerprint_params", [])
+    names_a, names_b = cfg_a.fingerprint_params, cfg_b.fingerprint_params
     grads_a, grads_b = store_a.fingerprints(rec_a.id, "grad"), store_b.fingerprints(rec_b.id, "grad")
     weights_a, weights_b = store_a.fingerprints(rec_a.id, "weight"), store_b.fingerprints(rec_b.id, "weight")
     acts_a, acts_b = _activations(store_a, rec_a.id), _activations(store_b, rec_b.id)
-    init_a = {n: v.get("norm") for n, v in cfg_a.get("init", {}).items()}
-    init_b = {n: v.get("norm") for n, v in cfg_b.get("init", {}).items()}
+    init_a = {n: v.get("norm") for n, v in cfg_a.init.items()}
+    init_b = {n: v.get("norm") for n, v in cfg_b.init.items()}
 
     def named(values: list[Any] | None, names: list[str]) -> dict[str, Any]:
         return dict(zip(names, values or []))
@@ -212,9 +213,8 @@ def diff_runs(store_a: RunStore, run_a: str, store_b: RunStore, run_b: str, *, e
 
 def _activations(store: RunStore, run_id: str) -> dict[int, list[tuple[str, tuple[Any, Any]]]]:
     out: dict[int, list[tuple[str, tuple[Any, Any]]]] = {}
-    for step, name, kind, data in store.health(run_id):
-        if kind == "activation":
-            out.setdefault(step, []).append((name, (data.get("absmax"), data.get("rms"))))
+    for a in store.activations(run_id):
+        out.setdefault(a.step, []).append((a.layer, (a.absmax, a.rms)))
     return out
 
 

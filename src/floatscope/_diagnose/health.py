@@ -32,6 +32,7 @@ from typing import Any, Literal
 
 from floatscope._instrument.health import FLUSH_SCALES
 from floatscope._results import to_json_value
+from floatscope._store.schema import ActivationSample, ParamSample, RunConfig
 from floatscope._store.sqlite import RunStore
 
 __all__ = ["Finding", "findings_for", "KINDS"]
@@ -62,18 +63,23 @@ class Finding:
 @dataclass
 class _Run:
     steps: list[Any]
-    activations: dict[int, dict[str, dict[str, Any]]]
-    params: dict[int, dict[str, dict[str, Any]]]
-    config: dict[str, Any]
+    activations: dict[int, dict[str, ActivationSample]]
+    params: dict[int, dict[str, ParamSample]]
+    config: RunConfig
     incident: Any
+
+    @property
+    def shapes(self) -> dict[str, tuple[list[int], str]]:
+        return self.config.model.parameters if self.config.model else {}
 
 
 def _load(store: RunStore, run_id: str) -> _Run:
-    activations: dict[int, dict[str, dict[str, Any]]] = {}
-    params: dict[int, dict[str, dict[str, Any]]] = {}
-    for step, name, kind, data in store.health(run_id):
-        target = activations if kind == "activation" else params
-        target.setdefault(step, {}).setdefault(name, {}).update({k: v for k, v in data.items() if v is not None})
+    activations: dict[int, dict[str, ActivationSample]] = {}
+    params: dict[int, dict[str, ParamSample]] = {}
+    for a in store.activations(run_id):
+        activations.setdefault(a.step, {})[a.layer] = a
+    for p in store.params(run_id):
+        params.setdefault(p.step, {})[p.name] = p
     return _Run(store.steps(run_id), activations, params, store.config(run_id), store.get(run_id).incident)
 
 
@@ -99,13 +105,13 @@ def _median(values: list[float]) -> float:
 
 def _weight_layers(run: _Run) -> list[str]:
     """Weight parameters (2-D and up) in registration order, which follows the forward order."""
-    shapes = run.config.get("model", {}).get("parameters", {})
-    order = run.config.get("fingerprint_params") or list(shapes)
+    shapes = run.shapes
+    order = run.config.fingerprint_params or list(shapes)
     return [n for n in order if n in shapes and len(shapes[n][0]) >= 2 and n.endswith("weight")]
 
 
 def _numel(run: _Run, name: str) -> int:
-    shape = run.config.get("model", {}).get("parameters", {}).get(name, [[1]])[0]
+    shape = run.shapes.get(name, ([1], ""))[0]
     return max(1, math.prod(shape))
 
 
@@ -116,8 +122,8 @@ def _vanishing(run: _Run) -> list[Finding]:
         return []
     ratios, steps, last_profile = [], [], {}
     for step, params in sorted(run.params.items()):
-        rms = {n: params[n]["grad_norm"] / math.sqrt(_numel(run, n)) for n in layers
-               if n in params and params[n].get("grad_norm") is not None}
+        rms = {n: params[n].grad_norm / math.sqrt(_numel(run, n)) for n in layers
+               if n in params and params[n].grad_norm is not None}
         if layers[0] not in rms or layers[-1] not in rms or not rms[layers[-1]] > 0:
             continue
         ratios.append(rms[layers[0]] / rms[layers[-1]])
@@ -180,7 +186,7 @@ def _layer_growth(run: _Run) -> list[str]:
     best: dict[str, float] = {}
     for _, later in samples[1:]:
         for name, data in later.items():
-            a, b = first.get(name, {}).get("grad_norm"), data.get("grad_norm")
+            a, b = first[name].grad_norm if name in first else None, data.grad_norm
             if a and b is not None and a > 0 and math.isfinite(b):
                 best[name] = max(best.get(name, 0.0), b / a)
     return [n for n, g in sorted(best.items(), key=lambda kv: kv[1], reverse=True) if g > 10.0]
@@ -190,10 +196,11 @@ def _activation_series(run: _Run, key: str, types: tuple[str, ...] | None = None
     series: dict[str, list[tuple[int, float]]] = {}
     for step, layers in sorted(run.activations.items()):
         for name, data in layers.items():
-            if types is not None and data.get("type") not in types:
+            if types is not None and data.type not in types:
                 continue
-            if data.get(key) is not None:
-                series.setdefault(name, []).append((step, data[key]))
+            value = getattr(data, key)
+            if value is not None:
+                series.setdefault(name, []).append((step, value))
     return series
 
 
@@ -236,15 +243,15 @@ def _overflow_risk(run: _Run) -> list[Finding]:
     worst: dict[str, tuple[float, int, str, float, int]] = {}
     for step, layers in sorted(run.activations.items()):
         for name, data in layers.items():
-            dtype = data.get("dtype")
+            dtype = data.dtype
             if dtype not in _LOW:
                 continue
-            headroom = data.get("headroom_bits")
-            inf = data.get("inf", 0)
+            headroom = data.headroom_bits
+            inf = int(data.inf)
             if inf or (headroom is not None and headroom < 2.0):
                 h = -math.inf if inf else headroom
                 if name not in worst or h < worst[name][0]:
-                    worst[name] = (h, step, dtype, data.get("absmax", math.nan), inf)
+                    worst[name] = (h, step, dtype, data.absmax if data.absmax is not None else math.nan, inf)
     for name, (h, step, dtype, absmax, inf) in worst.items():
         out.append(Finding(
             kind="overflow-risk", severity="error" if inf else "warning", layers=[name], steps=[step],
@@ -259,22 +266,20 @@ def _overflow_risk(run: _Run) -> list[Finding]:
 
 
 def _underflow(run: _Run) -> list[Finding]:
-    precision = run.config.get("precision", {})
-    fp16 = ("float16" in precision.get("param_dtypes", []) or
-            any(a.get("dtype") == "float16" for a in precision.get("autocast", [])))
-    if not fp16:
+    if run.config.precision is None or not run.config.precision.uses_float16:
         return []
     out = []
-    by_param: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    by_param: dict[str, list[tuple[int, ParamSample]]] = {}
     losses = {s.step: s.loss for s in run.steps}
     for step, params in sorted(run.params.items()):
         for name, data in params.items():
-            if isinstance(data.get("grad_flush_frac"), dict) and data.get("grad_nonzero") is not None:
+            if data.grad_flush_frac is not None and data.grad_nonzero is not None:
                 by_param.setdefault(name, []).append((step, data))
 
-    def flushed(step: int, data: dict[str, Any], factor: float) -> float:
-        if data["grad_nonzero"]:
-            return data["grad_flush_frac"][f"{factor:g}"]
+    def flushed(step: int, data: ParamSample, factor: float) -> float:
+        if data.grad_nonzero:
+            assert data.grad_flush_frac is not None
+            return data.grad_flush_frac[f"{factor:g}"]
         # Every element is exactly 0 while the loss is not: it all flushed in the fp16 backward.
         return 1.0 if losses.get(step) else 0.0
 
@@ -283,12 +288,13 @@ def _underflow(run: _Run) -> list[Finding]:
         if not current > 0.05:
             continue
         last_step, last = samples[-1]
-        scale = last.get("loss_scale") or 1.0
-        if last["grad_nonzero"]:
-            factor = next((k for k in FLUSH_SCALES if last["grad_flush_frac"][f"{k:g}"] < 0.01), FLUSH_SCALES[-1])
+        scale = last.loss_scale or 1.0
+        if last.grad_nonzero and last.grad_flush_frac is not None:
+            fracs = last.grad_flush_frac
+            factor = next((k for k in FLUSH_SCALES if fracs[f"{k:g}"] < 0.01), FLUSH_SCALES[-1])
         else:
             factor = FLUSH_SCALES[-1]  # nothing survived to measure: GradScaler's default range
-        absmax = last.get("grad_absmax") or 0.0
+        absmax = last.grad_absmax or 0.0
         ceiling = 65504.0 / (absmax * scale) if absmax > 0 else math.inf
         factor = min(factor, 2.0 ** math.floor(math.log2(ceiling))) if math.isfinite(ceiling) else factor
         recommended = scale * factor
@@ -334,8 +340,8 @@ def _update_ratio(run: _Run) -> list[Finding]:
     series: dict[str, list[tuple[int, float]]] = {}
     for step, params in sorted(run.params.items()):
         for name, data in params.items():
-            if name in layers and data.get("update_ratio") is not None and (data.get("grad_norm") or 0) > 0:
-                series.setdefault(name, []).append((step, data["update_ratio"]))
+            if name in layers and data.update_ratio is not None and (data.grad_norm or 0) > 0:
+                series.setdefault(name, []).append((step, data.update_ratio))
     for name, values in series.items():
         med = _median([v for _, v in values])
         if med < 1e-7 or med > 0.3:

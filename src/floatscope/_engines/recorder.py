@@ -20,6 +20,7 @@ from floatscope._instrument.channel import Payload
 from floatscope._instrument.health import ACTIVATION_RECORD, FLUSH_SCALES, PARAM_FIELDS, activation_values
 from floatscope._numerics.formats import dtype_name
 from floatscope._store.env import environment
+from floatscope._store.schema import ModelInfo, PrecisionInfo, RunConfig
 from floatscope._store.sqlite import RunStore
 
 __all__ = ["RunRecorder"]
@@ -65,10 +66,10 @@ class RunRecorder:
         self._models_seen.add(id(module))
         params = [(n, p) for n, p in module.named_parameters() if p.is_floating_point() and p.numel() > 0]
         if first:
-            structure = [[name, type(m).__name__] for name, m in module.named_modules()]
-            shapes = {n: [list(p.shape), dtype_name(p.dtype)] for n, p in params}
-            self.store.update_config(self.run_id, {"model": {"type": type(module).__name__, "structure": structure,
-                                                             "parameters": shapes}})
+            info = ModelInfo(type=type(module).__name__,
+                             structure=[(name, type(m).__name__) for name, m in module.named_modules()],
+                             parameters={n: (list(p.shape), dtype_name(p.dtype)) for n, p in params})
+            self.store.update_config(self.run_id, RunConfig.patch(model=info))
         if not params or not first:
             return None
         with torch.no_grad():
@@ -88,13 +89,12 @@ class RunRecorder:
         self.store.update_env(self.run_id, environment())
         seeding = last_seeding()
         if seeding is not None:
-            self.store.update_config(self.run_id, {"seeds": asdict(seeding)})
+            self.store.update_config(self.run_id, RunConfig.patch(seeds=asdict(seeding)))
         autocast = [{"device": d, "enabled": e, "dtype": dtype_name(t)} for d, e, t in autocast_state() if e]
         dtypes = sorted({dtype_name(p.dtype) for p in module.parameters()})
-        self.store.update_config(self.run_id, {"precision": {
-            "autocast": autocast, "param_dtypes": dtypes, "default_dtype": dtype_name(torch.get_default_dtype()),
-            "grad_scaler": bool(scaler is not None and scaler.is_enabled()),
-        }})
+        self.store.update_config(self.run_id, RunConfig.patch(precision=PrecisionInfo(
+            autocast=autocast, param_dtypes=dtypes, default_dtype=dtype_name(torch.get_default_dtype()),
+            grad_scaler=bool(scaler is not None and scaler.is_enabled()))))
 
     def inputs(self, args: Any) -> Payload | None:
         """Statistics of the first batches a model received (compared by ``diff``)."""
@@ -123,10 +123,11 @@ class RunRecorder:
             groups.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in group.items()
                            if k != "params" and isinstance(v, (int, float, bool, str, tuple, type(None)))})
         self._optimizers.append({"type": type(optimizer).__name__, "param_groups": groups})
-        patch: dict[str, Any] = {"optimizers": self._optimizers}
         if scaler is not None and scaler.is_enabled():
-            patch["grad_scaler"] = {"init_scale": float(scaler._init_scale),
-                                    "growth_interval": int(scaler._growth_interval)}
+            patch = RunConfig.patch(optimizers=self._optimizers, grad_scaler={
+                "init_scale": float(scaler._init_scale), "growth_interval": int(scaler._growth_interval)})
+        else:
+            patch = RunConfig.patch(optimizers=self._optimizers)
         self.store.update_config(self.run_id, patch)
 
     # ------------------------------------------------------------------ what the device said
@@ -138,11 +139,11 @@ class RunRecorder:
         if kind == "init":
             init = {name: dict(zip(("mean", "std", "absmax", "norm"), values[4 * i:4 * i + 4], strict=True))
                     for i, name in enumerate(meta)}
-            self.store.update_config(self.run_id, {"init": init})
+            self.store.update_config(self.run_id, RunConfig.patch(init=init))
         elif kind == "input":
             self._data[f"batch{meta}"] = [dict(zip(("mean", "std", "min", "max"), values[4 * i:4 * i + 4],
                                                    strict=True)) for i in range(len(values) // 4)]
-            self.store.update_config(self.run_id, {"data": self._data})
+            self.store.update_config(self.run_id, RunConfig.patch(data=self._data))
         elif kind == "flush":
             step, names, scale = meta
             width = len(FLUSH_SCALES) + 2
@@ -222,7 +223,7 @@ class RunRecorder:
             values = self._fingerprints.pop(key)
             step, kind = key
             if self._fp_written != len(self.fp_names):
-                store.update_config(run_id, {"fingerprint_params": list(self.fp_names)})
+                store.update_config(run_id, RunConfig.patch(fingerprint_params=list(self.fp_names)))
                 self._fp_written = len(self.fp_names)
             store.add_fingerprint(run_id, step, kind, [values.get(n, math.nan) for n in self.fp_names])
         fields = (*PARAM_FIELDS, "update_ratio")

@@ -36,7 +36,8 @@ import torch
 from floatscope._diagnose import triage
 from floatscope._diagnose.diagnose import incident_from_event
 from floatscope._diagnose.optimizer import optimizer_findings, state_findings, with_optimizer_context
-from floatscope._errors import NonFiniteError, UsageError
+from floatscope._errors import NonFiniteError, Terminated, UsageError
+from floatscope._engines.signals import TermHandler
 from floatscope._events import UNKNOWN_FRAME, UserFrame
 from floatscope._engines.recorder import RunRecorder
 from floatscope._instrument.capture import Backward, Call, CaptureListener, Pass, StepCapture, Update, Window
@@ -50,6 +51,7 @@ from floatscope._instrument.replay import OptimizerSnapshot, Replayer, snapshot_
 from floatscope._instrument.scaler import ScalerProbe
 from floatscope._numerics.stats import operand_stats
 from floatscope._results import Incident, RunResult
+from floatscope._store.schema import RunConfig
 from floatscope._store.sqlite import DEFAULT_STORE, RunStore
 
 __all__ = ["Watch", "watch", "DEFAULT_HEALTH_EVERY"]
@@ -173,8 +175,8 @@ class Watch(CaptureListener):
         if self._active:
             raise UsageError("this watch is already active; create a new floatscope.watch(...) for each block")
         self._store, self._owns_store = self._open_store()
-        config = {"on_anomaly": self._on_anomaly, "global": not self._models,
-                  "max_consecutive_skips": self._max_skips, "health_every": self._health_every}
+        config = RunConfig.patch(on_anomaly=self._on_anomaly, global_watch=not self._models,
+                                 max_consecutive_skips=self._max_skips, health_every=self._health_every)
         try:
             self._recorder = RunRecorder(self._store, name=self._run_name, command=self._command, config=config)
         except BaseException:
@@ -211,10 +213,13 @@ class Watch(CaptureListener):
         self._step_frame: dict[int, UserFrame] = {}
         self._health_params: tuple[int, list[str], list[torch.Tensor]] | None = None
         self._sampling_window = -1
+        self._term = TermHandler()
         try:
             self._capture.install()
             self._probe.install(self._hooks)
+            self._term.install()
         except BaseException:
+            self._term.remove()
             self._capture.remove()
             self._hooks.close()
             self._close_store()
@@ -240,6 +245,7 @@ class Watch(CaptureListener):
             finally:
                 self._hooks.close()
                 self._health.detach()
+                self._term.remove()
                 self._active = False
             self.result = self._result(exc_type, exc)
             try:
@@ -270,7 +276,11 @@ class Watch(CaptureListener):
         steps = self._capture.clock.completed
         if self.incident is not None:
             status = "nonfinite"
-        elif exc_type is not None and not issubclass(exc_type, (NonFiniteError, SystemExit, KeyboardInterrupt)):
+        elif exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            status = "interrupted"
+        elif exc_type is not None and issubclass(exc_type, Terminated):
+            status = "terminated"
+        elif exc_type is not None and not issubclass(exc_type, (NonFiniteError, SystemExit)):
             status = "error"
         elif exc_type is SystemExit and exc is not None and exc.code not in (0, None):
             status = "error"
@@ -467,7 +477,8 @@ class Watch(CaptureListener):
         """At the end: a contained value is the incident when the script failed or a model's output was NaN."""
         if self.incident is not None or not self._contained:
             return None
-        failed = (exc_type is not None and not issubclass(exc_type, (NonFiniteError, KeyboardInterrupt, SystemExit))
+        failed = (exc_type is not None and not issubclass(exc_type, (NonFiniteError, KeyboardInterrupt, SystemExit,
+                                                                     Terminated))
                   ) or (exc_type is SystemExit and exc is not None and exc.code not in (0, None))
         for key, (incident, _, role) in self._contained.items():
             if failed or (incident.kind == "nan" and role == "output"):

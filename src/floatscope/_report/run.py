@@ -54,7 +54,7 @@ def write_run_report(store: RunStore, run_id: str, path: str | Path) -> Path:
 
     page.heading("Gradient norm per layer")
     grads = store.fingerprints(record.id, "grad")
-    names = config.get("fingerprint_params", [])
+    names = config.fingerprint_params
     if grads and names:
         ordered = sorted(grads)
         z = [[None] * len(ordered) for _ in names]
@@ -69,14 +69,13 @@ def write_run_report(store: RunStore, run_id: str, path: str | Path) -> Path:
         page.paragraph("No gradient fingerprints were recorded (no optimizer step, or no store).")
 
     page.heading("Headroom per layer")
-    rows = [(step, name, data) for step, name, kind, data in store.health(record.id) if kind == "activation"]
+    rows = store.activations(record.id)
     if rows:
         layers: dict[str, tuple[float, str]] = {}
-        for _, name, data in rows:
-            h = data.get("headroom_bits")
-            h = -1.0 if data.get("inf") else h
-            if h is not None and (name not in layers or h < layers[name][0]):
-                layers[name] = (h, data.get("dtype", "?"))
+        for a in rows:
+            h = -1.0 if a.inf else a.headroom_bits
+            if h is not None and (a.layer not in layers or h < layers[a.layer][0]):
+                layers[a.layer] = (h, a.dtype or "?")
         fig = go.Figure()
         fig.add_bar(x=list(layers), y=[min(h, 140.0) for h, _ in layers.values()],
                     text=[dt for _, dt in layers.values()], name="lowest headroom (bits)")
