@@ -98,7 +98,7 @@ def test_functional_call_with_manual_updates(tmp_path):
             break
         grads = torch.autograd.grad(out.pow(2).mean(), list(params.values()))
         with torch.no_grad():
-            for p, g in zip(params.values(), grads):
+            for p, g in zip(params.values(), grads, strict=False):
                 p -= 0.01 * g
     assert first is not None
     assert (incident.phase, incident.step, incident.category) == ("forward", first, "overflow")

@@ -24,7 +24,7 @@ EXIT_USAGE = 2
 EXIT_INCIDENT = 3
 EXIT_INTERRUPTED = 130   # 128 + SIGINT
 EXIT_TERMINATED = 143    # 128 + SIGTERM
-EXIT_CODES = f"""exit status:
+EXIT_CODES = """exit status:
   0    the script finished and every watched value stayed finite
   1    the script raised, or exited 1 (or with the incident status, which is floatscope's)
   2    bad floatscope input: arguments, store, --json path (a message says what and how to fix it)

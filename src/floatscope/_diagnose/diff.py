@@ -164,7 +164,7 @@ def diff_runs(store_a: RunStore, run_a: str, store_b: RunStore, run_b: str, *, e
     init_b = {n: v.get("norm") for n, v in cfg_b.init.items()}
 
     def named(values: list[Any] | None, names: list[str]) -> dict[str, Any]:
-        return dict(zip(names, values or []))
+        return dict(zip(names, values or [], strict=False))
 
     common_params = [n for n in names_a if n in set(names_b)]
     steps = sorted(set(losses_a) & set(losses_b) | (set(grads_a) & set(grads_b)))

@@ -223,7 +223,7 @@ def _session(model: Any, opt_level: OptLevel) -> Any:
 def _feed(session: Any, inputs: tuple[Any, ...]) -> dict[str, Any]:
     tensors = [t for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)]
     names = [i.name for i in session.get_inputs()]
-    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors)}
+    return {n: t.detach().cpu().numpy() for n, t in zip(names, tensors, strict=False)}
 
 
 # ------------------------------------------------------------------------------ metrics
@@ -312,7 +312,7 @@ def compare_onnxruntime(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *
     session = _session(exposed, opt_level)
     results = session.run(None, _feed(session, inputs))
     timings["onnxruntime"] = time.perf_counter() - start
-    by_name = dict(zip([o.name for o in session.get_outputs()], results))
+    by_name = dict(zip([o.name for o in session.get_outputs()], results, strict=False))
 
     leaf_names = {n for n, m in model.named_modules() if n and not any(True for _ in m.children())}
     modules: list[ModuleAgreement] = []

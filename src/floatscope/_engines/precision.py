@@ -537,7 +537,7 @@ def _module_local_errors(runner: _Runner, ref_calls: _Calls) -> dict[tuple[str, 
         except (RuntimeError, TypeError, ValueError):
             continue
         leaves = _float_leaves(out)
-        if len(leaves) == len(ref_out) and all(a.shape == b.shape for a, b in zip(leaves, ref_out)):
+        if len(leaves) == len(ref_out) and all(a.shape == b.shape for a, b in zip(leaves, ref_out, strict=False)):
             errors[key] = relative_error(_flat(leaves), _flat(ref_out))
     return errors
 
@@ -567,7 +567,7 @@ def _module_metrics(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
         ref_in = [t for k in keys for t in ref_calls.input_leaves.get(k, [])]
         low_in = [t for k in keys for t in low_calls.input_leaves.get(k, [])]
         prop_in = None
-        if ref_in and len(ref_in) == len(low_in) and all(a.shape == b.shape for a, b in zip(ref_in, low_in)):
+        if ref_in and len(ref_in) == len(low_in) and all(a.shape == b.shape for a, b in zip(ref_in, low_in, strict=False)):
             prop_in = relative_error(_flat(low_in), _flat(ref_in))
         amplification = prop / prop_in if prop_in and math.isfinite(prop_in) and prop_in > 0 else None
         local_values = [local[k] for k in keys if k in local]
@@ -733,7 +733,7 @@ def _is_cell_like(module: torch.nn.Module) -> bool:
 def _series_along(low: list[torch.Tensor], ref: list[torch.Tensor], dim: int) -> list[float]:
     if not low or not ref or low[0].shape != ref[0].shape or low[0].dim() <= dim:
         return []
-    return [relative_error(a, b) for a, b in zip(low[0].unbind(dim), ref[0].unbind(dim))]
+    return [relative_error(a, b) for a, b in zip(low[0].unbind(dim), ref[0].unbind(dim), strict=False)]
 
 
 def _fit(module: str, errors: list[float]) -> Accumulation:
