@@ -209,8 +209,9 @@ def test_a_manual_update_that_makes_the_nan_is_the_optimizer_phase(tmp_path):
                 W.grad.zero_()
     """)
     assert code == EXIT_INCIDENT
-    assert_found(result, path, op="aten.div.Tensor", phase="optimizer", module=None,
-                 marker="MARK:normalised-update", step=2, category="invalid")
+    incident = assert_found(result, path, op="aten.div.Tensor", phase="optimizer", module=None,
+                            marker="MARK:normalised-update", step=2, category="invalid")
+    assert incident.param == "W"
 
 
 def test_an_autograd_grad_loop_without_optimizer(tmp_path):
@@ -468,6 +469,46 @@ def test_a_large_but_representable_outlier_keeps_adam_clean(tmp_path):
     assert (code, result.status, result.steps) == (0, "clean", 10)
 
 
+EMBEDDING_EPS0 = """
+    import torch
+    torch.manual_seed(0)
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.enc = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 2)
+        def forward(self, ids):
+            return self.enc(self.emb(ids).mean(1))
+    m = M()
+    opt_enc = torch.optim.SGD(m.enc.parameters(), lr=0.1)
+    opt_emb = torch.optim.Adam(m.emb.parameters(), lr=1e-3, eps=ADAM_EPS)
+    for step in range(STEPS):
+        ids = torch.randint(0, 10, (16, 5))  # rows 10..49 are never used: their gradients are exactly 0
+        loss = torch.nn.functional.cross_entropy(m(ids), torch.randint(0, 2, (16,)))
+        opt_enc.zero_grad(); opt_emb.zero_grad()
+        loss.backward()
+        opt_enc.step(); opt_emb.step()  # MARK:steps
+"""
+
+
+@pytest.mark.parametrize("steps", [3, 10])
+def test_adam_eps_zero_on_unused_embedding_rows_is_named_at_its_first_step(tmp_path, steps):
+    # The NaN rows are never used by a forward, so no loss or gradient shows them: the parameter check
+    # after the first steps finds them, at the step that wrote them, with the 0/0 of zero gradients.
+    code, result, path = run(tmp_path, EMBEDDING_EPS0.replace("ADAM_EPS", "0.0").replace("STEPS", str(steps)))
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="Adam.step", phase="optimizer", module="emb", marker="MARK:steps",
+                            step=0, category="optimizer", model="M")
+    assert incident.param == "emb.weight" and incident.output.nan == 320
+    assert "exactly 0" in incident.explanation and "0/0" in incident.explanation
+    assert "flush" not in incident.explanation and "autocast" not in " ".join(incident.suggestions)
+    assert "eps=1e-8" in incident.suggestions[0]
+
+
+def test_adam_with_its_default_eps_on_unused_embedding_rows_is_clean(tmp_path):
+    code, result, _ = run(tmp_path, EMBEDDING_EPS0.replace("ADAM_EPS", "1e-8").replace("STEPS", "10"))
+    assert (code, result.status, result.steps) == (0, "clean", 10)
+
+
 # --------------------------------------------------------------------------- manual updates on modules
 TWO_HEADS = """
     import torch
@@ -503,6 +544,7 @@ def test_a_normalised_manual_update_of_a_zero_gradient_is_the_division(tmp_path,
     incident = assert_found(result, path, op="aten.div.Tensor", phase="optimizer", module=None,
                             marker="MARK:normalised", step=1, category="invalid")
     assert incident.exact and "0/0" in incident.explanation
+    assert incident.param == "a.weight"
 
 
 def test_a_normalised_manual_update_with_an_epsilon_is_clean(tmp_path):
@@ -574,6 +616,82 @@ def test_a_where_that_masks_a_log_of_zero_trains_clean(tmp_path):
     """)
     assert (code, result.status, result.steps) == (0, "clean", 6)
     assert [(c.op, c.line) for c in result.contained] == [("aten.log.default", line_of("MARK:where-log", path)[1])]
+
+
+def test_a_where_around_a_log_whose_gradient_is_nan_names_the_log_and_the_backward(tmp_path):
+    # The torch.where gradient trap: the masked branch's log(0) = -inf gets gradient 0, and LogBackward's
+    # 0 / 0 is NaN. The advice must put the safe value inside the log, not wrap the log in another where.
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1),
+                                    torch.nn.Softplus())
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for step in range(3):
+            observed = (torch.rand(32, 1) > 0.2).float()
+            rate = model(torch.randn(32, 4)) * observed
+            safe_log = torch.where(rate > 0, torch.log(rate), torch.zeros_like(rate))  # MARK:where-log
+            loss = (safe_log ** 2 * observed).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.log.default", phase="forward", module=None,
+                            marker="MARK:where-log", step=0, category="division-by-zero")
+    assert "LogBackward0 in backward" in incident.consequence
+    assert "torch.log(torch.where(keep, p, 1.0))" in incident.suggestions[0]
+    assert "torch.where(keep, torch.log" not in " ".join(incident.suggestions)
+
+
+def test_a_contained_value_carried_through_a_cat_and_a_scaling_is_blamed_where_it_was_made(tmp_path):
+    # speed = dist / dur with one zero duration: the Inf sits in a feature table (cat, then scaled) and
+    # reaches the loss only when its row's batch comes up, at step 1.
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        dist, dur = torch.rand(128, 1) * 10, torch.rand(128, 1) + 0.1
+        dur[37] = 0.0
+        speed = dist / dur  # MARK:speed
+        X = torch.cat([speed, dist], 1) * 0.5
+        Y = torch.randn(128, 1)
+        model = torch.nn.Linear(2, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        for step in range(4):
+            rows = slice(step * 32, (step + 1) * 32)
+            loss = torch.nn.functional.mse_loss(model(X[rows]), Y[rows])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.div.Tensor", phase="forward", module=None, marker="MARK:speed",
+                            step=0, category="division-by-zero")
+    assert "step 1" in incident.consequence
+    assert result.steps == 1
+
+
+def test_cross_entropy_over_a_batch_whose_labels_are_all_ignored_is_explained(tmp_path):
+    # A collator that masks every label with -100 (a prompt-only batch): the mean over zero targets is 0/0.
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(8, 10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for step in range(4):
+            labels = torch.randint(0, 10, (16,))
+            if step == 2:
+                labels[:] = -100
+            loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 8)), labels)  # MARK:ce
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.nll_loss_forward.default", phase="forward", module=None,
+                            marker="MARK:ce", step=2, category="invalid")
+    assert "all 16 targets equal ignore_index=-100" in incident.explanation
+    assert "clamp_min(1)" in incident.suggestions[1]
 
 
 def test_class_weights_from_integer_counts_are_a_division_by_zero(tmp_path):

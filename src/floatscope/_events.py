@@ -109,6 +109,7 @@ class OriginEvent:
     external_inputs: list[tuple[Any, ...]] = field(default_factory=list)
     producer_zero_inputs: list[bool] = field(default_factory=list)
     model: str | None = None       # the root model the op ran in, as the watch labels it
+    detail: str | None = None      # what the op's non-float arguments say (e.g. nll_loss targets all ignored)
 
     @property
     def forward_op(self) -> str:

@@ -78,6 +78,13 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
     producer = _base(event.producers[0]) if event.producers and event.producers[0] else None
     fixes: list[str] = []
 
+    if fwd_base.startswith("nll_loss") and event.detail:
+        text = (f"cross-entropy with reduction='mean' averages over the targets that are not ignored; "
+                f"{event.detail} = NaN. A batch whose labels are all masked (-100 for padding or prompt tokens) "
+                f"does this.")
+        return text, ["skip batches with no valid target: if (labels != -100).any(): ... before the loss",
+                      "or sum and divide by the count yourself: F.cross_entropy(logits, y, reduction='sum') / "
+                      "(y != -100).sum().clamp_min(1)"]
     if backward and fwd_base in {"sqrt", "rsqrt"}:
         text = (f"sqrt's gradient is 1/(2*sqrt(x)); {ops and ops[-1].zeros or 'some'} input element(s) sit at "
                 f"x = 0, where the gradient is infinite, although the forward value is a harmless 0.")
@@ -90,9 +97,9 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
         return text, ["add eps: torch.sqrt(var + eps), or (x.pow(2).sum() + eps).sqrt()",
                       "skip constant inputs, or use torch.nn.functional.normalize(x, eps=1e-12)"]
     if fwd_base in {"acos", "asin"}:
-        side = "gradient -1/sqrt(1-x^2) is infinite at |x| = 1" if backward else "acos/asin is undefined for |x| > 1"
+        side = "'s gradient -1/sqrt(1-x^2) is infinite at |x| = 1" if backward else " is undefined for |x| > 1"
         reach = max(abs(ops[0].min), abs(ops[0].max)) if ops else math.nan
-        return (f"{fwd_base} {side}; inputs reach {reach:.9g}"
+        return (f"{fwd_base}{side}; inputs reach {reach:.9g}"
                 f" (rounding of a cosine similarity or dot product pushes them to or past 1)."), [
             f"clamp the argument: torch.{fwd_base}(x.clamp(-1 + 1e-6, 1 - 1e-6))",
             "for angles between vectors, use torch.atan2(cross_norm, dot), which is stable at the boundary"]
@@ -119,8 +126,9 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             how = ("div had a zero numerator (0 / y is 0 exactly, no rounding involved)" if producer == "div" else
                    "mul had an exact zero factor (x * 0 is 0 exactly, no rounding involved)")
             text = f"log of zero: {ops[0].zeros} element(s) of the argument are exactly 0 because {how}; log(0) = -inf."
-            return text, ["mask the zero entries out before the log (torch.where(keep, torch.log(p), 0)), or add a "
-                          "floor: torch.log(x.clamp_min(1e-12))"]
+            return text, ["put a safe value inside the log: torch.log(torch.where(keep, p, 1.0)) (a torch.where "
+                          "around the log still back-propagates NaN: its gradient is 0 * inf), or add a floor: "
+                          "torch.log(x.clamp_min(1e-12))"]
         if producer in {"_softmax", "softmax"}:
             text = (f"log of a softmax: {ops[0].zeros} probabilities underflowed to exactly 0 in {dtype} "
                     f"(logit gaps beyond ~{_log_range(dtype):.0f}), and log(0) = -inf.")
@@ -161,8 +169,9 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
         fixes = ["subtract the max before exponentiating (softmax/logsumexp do this): torch.softmax(x, dim) or "
                  "torch.logsumexp(x, dim)"]
         if dtype == "float16":
-            fixes += ["compute this op in float32 (x.float().exp()) or under torch.autocast, which runs exp/"
-                      "softmax in float32",
+            fixes += ["compute this op in float32 (x.float().exp()); autocast does so only for the ops on its "
+                      "float32 list, which differs between devices (CUDA autocast runs exp and softmax in float32, "
+                      "CPU autocast does not)",
                       "train in bfloat16, whose range matches float32"]
         fixes.append("if this is log(1 + exp(x)), use torch.nn.functional.softplus(x), which never forms exp(x)")
         fixes.append("if this is a VAE's exp(logvar) or a learned temperature, clamp the exponent "
@@ -181,14 +190,17 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             text = (f"{fwd_base} overflowed {event.output.dtype}: operands are finite ({ranges}) but the result "
                     f"exceeds max {limit:.4g}.")
             fixes = []
-            if event.output.dtype == "float16":
+            if event.output.dtype == "float16" and event.module is None and not backward:
+                fixes.append(f"compute this in float32: outside any layer (a loss or metric), cast the operands "
+                             f"first, e.g. (pred.float() - y.float()).pow(2).mean(); float16's max is {limit:.4g}")
+            elif event.output.dtype == "float16":
                 fixes.append("use bfloat16 (float32's range) or run this layer in float32 "
                              "(torch.autocast(..., enabled=False) around it)")
             fixes += ["find why activations or weights grew this large: lower the learning rate, clip gradients "
                       "(torch.nn.utils.clip_grad_norm_), add normalisation"]
             if _is(fwd_base, kinds.REDUCTION) and event.output.dtype in ("float16", "bfloat16"):
                 fixes.append("accumulate in float32: x.sum(dtype=torch.float32)")
-            elif _is(fwd_base, kinds.REDUCTION):
+            elif _is(fwd_base, kinds.REDUCTION) and fwd_base != "mean":
                 fixes.append("rescale before reducing (divide by the count first: x.mean() rather than x.sum() / n), "
                              "or accumulate in float64 if the magnitudes are real")
             return text, fixes
@@ -224,6 +236,8 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
             if event.external_inf_inputs or any(o.inf for o in ops):
                 text = "Inf/Inf or 0*Inf: inputs already held infinities and the division made them NaN."
             return text, ["add eps to the denominator: x / (d + eps), or F.normalize(x, eps=1e-12)",
+                          "for a masked mean (x * mask).sum() / mask.sum(), divide by mask.sum().clamp_min(1): "
+                          "a batch with no selected element is then 0, not 0/0",
                           "guard empty or constant rows before normalising"]
         if fwd_base in {"sqrt", "rsqrt", "pow"} and ops and ops[0].min < 0:
             return (f"{fwd_base} of a negative number ({_fmt(ops[0].min)}) is NaN; rounding often makes a value that "

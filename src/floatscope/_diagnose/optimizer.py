@@ -49,19 +49,31 @@ def optimizer_findings(optimizer: torch.optim.Optimizer, param: torch.Tensor) ->
     if eps is not None and fmt is not None and float(torch.tensor(float(eps), dtype=dtype)) == 0.0:
         key, stats = zero_second_moment if zero_second_moment else ("exp_avg_sq", None)
         zeros = f"{stats.zeros} of {stats.numel} entries of {key} are 0" if stats else f"{key} has zeros"
-        explanation = (
-            f"{name} keeps its state in the parameter's dtype {str(dtype).removeprefix('torch.')}: squared "
-            f"gradients below {fmt.smallest_subnormal:.2g} flush to 0 ({zeros}), and eps={eps:g} itself rounds to 0 "
-            f"in {str(dtype).removeprefix('torch.')} (smallest subnormal {fmt.smallest_subnormal:.2g}), so the update "
-            f"exp_avg / (sqrt({key}) + eps) divides by zero."
-        )
-        suggestions = [
-            "keep float32 master weights: leave the model in float32 and train under "
-            "torch.autocast(device_type, dtype=torch.float16) with a torch.amp.GradScaler",
-            f"or raise eps to at least {fmt.smallest_normal:.1e} (the smallest {str(dtype).removeprefix('torch.')} "
-            "normal), e.g. eps=1e-4",
-            "or use bfloat16 parameters with an optimizer that keeps float32 state",
-        ]
+        dname = str(dtype).removeprefix("torch.")
+        grad = param.grad
+        zero_grads = int((grad == 0).sum()) if isinstance(grad, torch.Tensor) and grad.layout == torch.strided else 0
+        guard = ("eps=0 leaves nothing to guard the division" if float(eps) == 0.0 else
+                 f"eps={eps:g} itself rounds to 0 in {dname} (smallest subnormal {fmt.smallest_subnormal:.2g})")
+        if stats is not None and stats.zeros and (zero_grads or fmt.bits >= 32):
+            explanation = (
+                f"{zeros}: those weights' gradients were exactly 0 (weights the steps did not use: embedding rows "
+                f"absent from the batch, dead units, masked inputs), so {name}'s exp_avg and {key} are 0 there and "
+                f"{guard}: the update exp_avg / (sqrt({key}) + eps) is 0/0 = NaN.")
+        else:
+            explanation = (
+                f"{name} keeps its state in the parameter's dtype {dname}: squared gradients below "
+                f"{fmt.smallest_subnormal:.2g} flush to 0 ({zeros}), and {guard}, so the update "
+                f"exp_avg / (sqrt({key}) + eps) divides by zero.")
+        if fmt.bits >= 32:
+            suggestions = [f"use a positive eps: {name}'s default eps=1e-8 keeps exp_avg / (sqrt({key}) + eps) "
+                           f"finite where the gradient is 0"]
+        else:
+            suggestions = [
+                "keep float32 master weights: leave the model in float32 and train under "
+                "torch.autocast(device_type, dtype=torch.float16) with a torch.amp.GradScaler",
+                f"or raise eps to at least {fmt.smallest_normal:.1e} (the smallest {dname} normal), e.g. eps=1e-4",
+                "or use bfloat16 parameters with an optimizer that keeps float32 state",
+            ]
     elif zero_second_moment is not None and zero_second_moment[1].nan + zero_second_moment[1].inf > 0:
         key, stats = zero_second_moment
         explanation = f"{name}'s state {key} is non-finite ({stats.nan} nan, {stats.inf} inf): a gradient overflowed."

@@ -173,7 +173,10 @@ def with_divergence(incident: Incident, grad_norms: list[float]) -> Incident:
     if incident.category != "overflow" or len(finite) < 3 or finite[-1] < 10 * finite[0]:
         return incident
     growth = (finite[-1] / finite[0]) ** (1 / (len(finite) - 1))
-    trend = ", ".join(f"{g:.3g}" for g in finite[-6:])
+    shown = finite[-6:]
+    trend = ", ".join(f"{g:.3g}" for g in shown)
+    if len(shown) < len(finite):
+        trend = f"the last {len(shown)}: {trend}"
     healthy = min(finite[: max(1, len(finite) // 2)])
     explanation = (incident.explanation + f" Training was diverging: the gradient norm grew {growth:.3g}x per step "
                    f"over the last {len(finite)} steps ({trend}), so weights and activations grew until they "

@@ -64,6 +64,7 @@ DEFAULT_HEALTH_EVERY = 50
 _RECENT_NORMS = 16
 _STRIDED = torch.strided
 _EARLY_WEIGHTS = 3
+_MAX_CONTAINED_REFS = 16
 
 
 def _guarded(method: Callable[..., Any]) -> Callable[..., Any]:
@@ -200,10 +201,11 @@ class Watch(CaptureListener):
         self._intentional: set[tuple[str, int]] = set()
         # Non-finite values that have not reached a loss, gradient, parameter or read (yet), by location:
         # the diagnosis, and the tensor it was found in (weakly: it may be an input of a later step).
-        self._contained: dict[tuple[str, int], tuple[Incident, Any, str]] = {}
+        self._contained: dict[tuple[str, int], tuple[Incident, list[Any], str]] = {}
         # Gradients so large their squares overflow (|g| >~ 1e19) were seen at this step: check the optimizer
         # state after its update (Adam's second moment turns Inf and the weights silently stop training).
         self._huge_grads: tuple[int, float] | None = None
+        self._weights_clean = -1  # the last step after which every watched parameter was read finite
         self._huge_abs: dict[int, float] = {}
         self._state_meta: dict[int, tuple[torch.optim.Optimizer, torch.Tensor, str, str, int]] = {}
         self._read_at: UserFrame | None = None
@@ -354,7 +356,7 @@ class Watch(CaptureListener):
             grads = [(n, g) for n, g in ((n, p.grad) for n, p in named) if g is not None and g.layout == _STRIDED]
             self._capture.grads_pending = None
             self._queue_grads(window, grads, step)
-            if self._recorder.enabled and reason == "step" and self._weights_due(step - 1):
+            if reason == "step" and self._weights_due(step - 1):
                 self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
                                           window=window.index, step=step - 1))
             if reason == "step" and self._health.is_sampling(step) and self._health.every:
@@ -597,6 +599,8 @@ class Watch(CaptureListener):
                 if len(self._step_norms) > _RECENT_NORMS:
                     del self._step_norms[min(self._step_norms)]
             for step, (names, values) in weights.items():
+                if all(math.isfinite(v) for v in values):
+                    self._weights_clean = max(self._weights_clean, step)
                 if step >= 0:
                     sampled = self._health.is_sampling(step) and bool(self._health.every)
                     recorder.fingerprint(step, "weight", names, values, health=sampled)
@@ -648,7 +652,11 @@ class Watch(CaptureListener):
         if not urgent:
             assert key is not None
             first = min(bad, key=_timeline)
-            self._contained[key] = (incident, weakref.ref(first.tensor), first.role)
+            # Every value of the reading that holds it (what a cat or a scaling before the loop made of it) leads
+            # back to this diagnosis when it reaches a loss later.
+            refs = [weakref.ref(s.tensor) for s in sorted(bad, key=_timeline)[:_MAX_CONTAINED_REFS]]
+            role = "output" if any(s.role == "output" for s in bad) else first.role
+            self._contained[key] = (incident, refs, role)
             return
         if self._read_at is not None:
             incident = triage.with_read(incident, self._read_at)
@@ -723,7 +731,22 @@ class Watch(CaptureListener):
             serious = subject.role in _SERIOUS
             if verdict == "origin":
                 assert event is not None
+                if not serious:
+                    # The intermediate that holds the first value; what it did (the NaN gradients of a masked
+                    # log) is what a later, serious subject of the same lineage reached.
+                    for other, other_sink in zip(targets, result.sinks, strict=True):
+                        if other.role in _SERIOUS and other_sink is not None:
+                            v, root, reached = tracer.explain(other_sink)
+                            if v == "origin" and root is event and reached is not None:
+                                last = reached
+                                break
                 incident = incident_from_event(event, last, step=step, replay_seconds=seconds)
+                if incident.phase == "optimizer" and incident.param is None:
+                    # A hand-written update: the parameter it wrote (W -= lr * W.grad).
+                    written = [u.names[0] for u in window.events if isinstance(u, Update) and u.names] + list(
+                        capture.pending_update)
+                    name = min(updates, key=_timeline).name if updates else (written[0] if written else None)
+                    incident = replace(incident, param=name)
                 if event.external_inf_inputs and event.external_inputs and not kinds.is_(event.op, kinds.SOFTMAX):
                     # Infinities in the data that an op turned into NaN (inf * 0, inf - inf): the data is the
                     # origin. A softmax of fully masked rows is not: masks hold -inf on purpose.
@@ -836,6 +859,11 @@ class Watch(CaptureListener):
                                line=frame.line, code=frame.code or None, function=frame.function,
                                replay_seconds=time.perf_counter() - start)
         lines, explanation, suggestions = optimizer_findings(optimizer, param)
+        if self._weights_clean < iteration - 1:
+            checked = (f"after step {self._weights_clean}" if self._weights_clean >= 0 else "before the first step")
+            explanation += (f" The parameters were last seen finite {checked} and are checked only on sampled steps, "
+                            f"so the update that broke them ran at one of steps {self._weights_clean + 1}..{iteration} "
+                            f"(step {iteration} is the last {type(optimizer).__name__}.step that wrote it).")
         return triage.optimizer_incident(step=iteration, optimizer_name=type(optimizer).__name__, name=name,
                                          module=module, model=model, frame=frame, output=stats, state_lines=lines,
                                          explanation=explanation, suggestions=suggestions, replayed=False)
@@ -920,10 +948,11 @@ class Watch(CaptureListener):
     def _contained_origin(self, t: torch.Tensor) -> Incident | None:
         """The contained diagnosis of ``t`` (the same tensor, or a view of its storage), if any."""
         ptr = _storage(t)
-        for incident, ref, _ in self._contained.values():
-            origin = ref()
-            if origin is not None and (t is origin or (ptr is not None and ptr == _storage(origin))):
-                return incident
+        for incident, refs, _ in self._contained.values():
+            for ref in refs:
+                origin = ref()
+                if origin is not None and (t is origin or (ptr is not None and ptr == _storage(origin))):
+                    return incident
         return None
 
     def _bad_input(self, window: Window, step: int, *, nan_only: bool) -> Incident | None:

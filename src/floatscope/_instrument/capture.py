@@ -462,6 +462,7 @@ class StepCapture:
         self.grads_pending: list[torch.Tensor] | None = None  # leaves whose .grad a backward wrote
         self.checks_pending = False
         self.update_group: list[Update] = []
+        self.pending_update: list[str] = []  # names of the leaves a manual update is about to write
         self.last_writer: dict[int, tuple[str, int, Any]] = {}  # id(param) -> (kind, iteration, who)
         self._hooks = HookSet()
         self._has_params: dict[int, bool] = {}
@@ -911,7 +912,11 @@ class StepCapture:
     def _manual_update(self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], targets: list[torch.Tensor],
                        names: list[str]) -> Any:
         if not self.update_group:
-            self.listener.before_update("manual", None)  # may raise: nothing changed yet
+            self.pending_update = names  # what the update is about to write, while the step is read
+            try:
+                self.listener.before_update("manual", None)  # may raise: nothing changed yet
+            finally:
+                self.pending_update = []
         frame = self._frame()
         out = func(*args, **kwargs)
         self.param_writes += 1

@@ -336,6 +336,7 @@ class OpTracer:
                                 scalars, producers)
             event.external_inputs = [k for k in outside if k is not None]
             event.producer_zero_inputs = producer_zero
+            event.detail = _argument_detail(base, args)
             self.events.append(event)
             if event.backward_node is None and self.current_tag is not None:
                 self.tag_events.setdefault(id(self.current_tag), event.index)
@@ -529,3 +530,15 @@ def _at_limit(tensors: list[torch.Tensor]) -> bool:
         if bool((t.abs() >= limit).any()):
             return True
     return False
+
+
+def _argument_detail(base: str, args: Any) -> str | None:
+    """What an op's integer arguments explain that float operands cannot (an empty mean over targets)."""
+    if base.startswith("nll_loss") and len(args) >= 5 and isinstance(args[1], torch.Tensor):
+        target, reduction, ignore = args[1], args[3], args[4]
+        if reduction == 1 and target.numel() and not torch.is_floating_point(target):
+            ignored = int((target == ignore).sum())
+            if ignored == target.numel():
+                return (f"all {ignored} targets equal ignore_index={ignore}, so the mean is over zero targets: "
+                        f"0/0")
+    return None
