@@ -248,7 +248,7 @@ if variant == "init":
             torch.nn.init.zeros_(m.bias)
 opt = torch.optim.SGD(model.parameters(), lr=0.1, weight_decay=0.01 if variant == "weight-decay" else 0.0)
 g = torch.Generator().manual_seed(1)
-for step in range(15):
+for step in range(8 if variant == "shorter" else 15):
     x = torch.randn(16, 10, generator=g)
     if variant == "input-scaling":
         x = x * 255.0
@@ -271,7 +271,7 @@ def diff_runs_store(tmp_path_factory):
     script.write_text(DIFF_SCRIPT)
     store = folder / "runs.sqlite"
     ids = {}
-    for variant in ("base", "base-again", "init", "weight-decay", "input-scaling", "dtype"):
+    for variant in ("base", "base-again", "init", "weight-decay", "input-scaling", "dtype", "shorter"):
         code, result = run_script(script, ["base" if variant == "base-again" else variant], store=str(store),
                                   health_every=5)
         assert code == 0
@@ -305,6 +305,15 @@ def test_same_seed_and_deterministic_settings_diff_as_identical(diff_runs_store,
     assert data["first_divergent_tensor"] is None and len(data["divergence"]) == 15
     assert all(p["loss_a"] == p["loss_b"] for p in data["divergence"])
     assert "identical" in proc.stdout
+
+
+def test_runs_of_different_lengths_are_compared_over_their_common_steps_not_called_identical(diff_runs_store):
+    path, ids = diff_runs_store
+    result = fr.diff(ids["base"], ids["shorter"], store=path, exact=True)
+    assert result.first_divergent_step is None and not result.identical
+    assert (result.steps_a, result.steps_b, result.compared_steps) == (15, 8, 8)
+    assert not result.explanation.startswith("the runs are identical") and "A completed 15 step(s)" in result.explanation
+    assert result.to_dict()["compared_steps"] == 8
 
 
 def test_diff_across_stores(diff_runs_store, tmp_path):

@@ -444,6 +444,11 @@ def test_nan_made_inside_a_custom_function_backward():
     assert incident.backward_node == "UnstableInverseBackward"
     assert incident.op == "aten.div.Tensor"
     assert (incident.file, incident.line) == line_of("MARK:custom-backward")
+    # The module that called the Function (its inputs came from there), and the user's backward named as such.
+    assert (incident.module, incident.model) == ("", "CustomModel")
+    assert incident.explanation.startswith("in the backward of UnstableInverse (a custom autograd.Function")
+    assert "the gradient of div" not in incident.explanation
+    assert any("UnstableInverse.backward" in s for s in incident.suggestions)
 
 
 # --------------------------------------------------------------------------- 13. forward Inf absorbed by tanh

@@ -5,6 +5,7 @@ processes; every wait is bounded so a hang fails fast.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -135,13 +136,40 @@ def test_a_writer_waits_for_another_writers_transaction_and_loses_nothing(tmp_pa
     blocker.execute("BEGIN IMMEDIATE")  # another process inside a transaction
     a.busy_timeout = 0.2
     a._db.execute("PRAGMA busy_timeout=200")
-    with pytest.warns(RuntimeWarning, match="stayed locked"):
-        a.add_step(run, 0, loss=1.0, grad_norm=1.0, loss_scale=None, skipped=False)
+    a.add_step(run, 0, loss=1.0, grad_norm=1.0, loss_scale=None, skipped=False)  # kept: the lock is taken
+    time.sleep(0.3)
+    with pytest.warns(RuntimeWarning, match="has been locked by another process"):
+        a.add_step(run, 1, loss=2.0, grad_norm=1.0, loss_scale=None, skipped=False)
     blocker.execute("COMMIT")
     blocker.close()
-    a.add_step(run, 1, loss=2.0, grad_norm=1.0, loss_scale=None, skipped=False)
+    a.add_step(run, 2, loss=3.0, grad_norm=1.0, loss_scale=None, skipped=False)
     a.close()
-    assert [s.step for s in fr.steps(run, store=path)] == [0, 1]
+    assert [s.step for s in fr.steps(run, store=path)] == [0, 1, 2]
+
+
+def test_training_goes_on_while_another_process_holds_the_store_lock(tmp_path):
+    # A periodic commit that finds the lock taken keeps its rows and tries later: the steps go on.
+    (tmp_path / "slow.py").write_text(SLOW)
+    RunStore(tmp_path / "s.sqlite").close()
+    proc = start(tmp_path, "--store", "s.sqlite", "slow.py", "0", "0.02")
+    wait_for_step(proc, 3)
+    blocker = sqlite3.connect(str(tmp_path / "s.sqlite"), isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    held_from = time.monotonic()
+    assert proc.stdout is not None
+    during = 0
+    while time.monotonic() - held_from < 3.0:
+        if proc.stdout.readline().startswith("step"):
+            during += 1
+    blocker.execute("COMMIT")
+    blocker.close()
+    (tmp_path / "stop").write_text("")
+    code, _, err = finish(proc)
+    assert code == 0, err
+    assert during >= 10, f"only {during} steps ran while the lock was held"
+    [record] = fr.list_runs(tmp_path / "s.sqlite")
+    assert record.status == "clean"
+    assert [s.step for s in fr.steps(record.id, store=tmp_path / "s.sqlite")] == list(range(record.steps))
 
 
 # --------------------------------------------------------------------------- honest statuses
@@ -220,8 +248,9 @@ def test_the_incident_exit_status_can_be_chosen(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["status"] == "nonfinite"
     (tmp_path / "s.py").write_text(SCRIPT_EXIT.replace("CODE", "42"))
     assert cli("run", "--no-store", "--incident-exit-code", "42", "s.py", cwd=tmp_path).returncode == 1
-    bad = cli("run", "--no-store", "--incident-exit-code", "130", "nan.py", cwd=tmp_path)
-    assert bad.returncode == 2 and "choose a status" in bad.stderr
+    for reserved in ("130", "1", "0"):
+        bad = cli("run", "--no-store", "--incident-exit-code", reserved, "nan.py", cwd=tmp_path)
+        assert bad.returncode == 2 and "choose a status" in bad.stderr, reserved
 
 
 def test_every_exit_status_is_in_the_help():
@@ -259,6 +288,7 @@ def test_runs_json_schema_and_a_table_that_fits_100_columns(tmp_path):
         assert set(r) == {"run_id", "name", "status", "steps", "started", "ended", "host", "pid", "command"}
         assert (r["status"], r["steps"], r["name"]) == ("clean", 3, "slow")
         assert isinstance(r["pid"], int) and r["ended"] and r["command"].startswith("floatscope run slow.py")
+        assert datetime.datetime.fromisoformat(r["started"]).tzinfo is not None
         assert r["run_id"] in proc.stdout
 
 
@@ -273,6 +303,12 @@ def test_json_paths_are_checked_before_the_script_runs(tmp_path):
     assert (tmp_path / "new" / "deeper" / "r.json").exists()
     assert cli("runs", "--json", "other/l.json", cwd=tmp_path).returncode == 0
     assert (tmp_path / "other" / "l.json").exists()
+    # A path no one can create, even where os.access says yes (root on /proc), is refused first too.
+    if Path("/proc/self").exists():
+        (tmp_path / "ran.txt").unlink()
+        proc = cli("run", "--no-store", "--json", "/proc/floatscope.json", "side_effect.py", cwd=tmp_path)
+        assert proc.returncode == 2 and "cannot create the file" in proc.stderr, proc.stderr
+        assert not (tmp_path / "ran.txt").exists()
 
 
 def test_a_locked_store_is_busy_not_corrupt(tmp_path):

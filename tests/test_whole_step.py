@@ -843,6 +843,44 @@ def test_an_lbfgs_step_and_its_closure_calls_are_one_iteration(tmp_path):
 
 
 # --------------------------------------------------------------------------- 10. exact zeros
+WGAN_GP = """
+    import torch
+    torch.manual_seed(0)
+    D = torch.nn.Sequential(torch.nn.Linear(2, 16), ACT, torch.nn.Linear(16, 1))
+    G = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+    optD = torch.optim.Adam(D.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    optG = torch.optim.Adam(G.parameters(), lr=1e-4, betas=(0.5, 0.9))
+    for step in range(5):
+        real, z = torch.randn(64, 2) * 0.1, torch.randn(64, 4)
+        fake = G(z).detach()
+        alpha = torch.rand(64, 1)
+        xhat = (alpha * real + (1 - alpha) * fake).requires_grad_(True)
+        g, = torch.autograd.grad(D(xhat).sum(), xhat, create_graph=True)
+        gp = ((NORM - 1) ** 2).mean()  # MARK:gp
+        lossD = D(fake).mean() - D(real).mean() + 10 * gp
+        optD.zero_grad(); lossD.backward(); optD.step()
+        lossG = -D(G(z)).mean()
+        optG.zero_grad(); lossG.backward(); optG.step()
+"""
+
+
+def test_a_gradient_penalty_is_part_of_its_iteration(tmp_path):
+    # autograd.grad(..., create_graph=True) inside the critic's loss ends nothing: 5 iterations.
+    code, result, _ = run(tmp_path, WGAN_GP.replace("ACT", "torch.nn.LeakyReLU(0.2)").replace(
+        "NORM", "torch.linalg.vector_norm(g, dim=1)"))
+    assert (code, result.status, result.steps) == (0, "clean", 5)
+
+
+def test_a_hand_written_gradient_norm_at_zero_is_found_in_the_first_iteration(tmp_path):
+    # Dead ReLUs give g = 0 for some samples; sqrt's gradient there is infinite. No update ran yet.
+    source = WGAN_GP.replace("ACT", "torch.nn.ReLU()").replace("NORM", "torch.sqrt((g ** 2).sum(dim=1))")
+    source = source.replace("    for step", "    with torch.no_grad():\n        D[0].bias.fill_(-3.0)\n    for step")
+    code, result, path = run(tmp_path, source)
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.sqrt.default", phase="backward", module=None, marker="MARK:gp", step=0)
+    assert result.steps == 0
+
+
 def test_log_of_an_exact_zero_product_is_a_division_by_zero_not_an_underflow(tmp_path):
     code, result, path = run(tmp_path, """
         import torch

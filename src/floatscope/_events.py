@@ -110,6 +110,7 @@ class OriginEvent:
     producer_zero_inputs: list[bool] = field(default_factory=list)
     model: str | None = None       # the root model the op ran in, as the watch labels it
     detail: str | None = None      # what the op's non-float arguments say (e.g. nll_loss targets all ignored)
+    custom_backward: bool = False  # run by a custom autograd.Function's backward (the user's own code)
 
     @property
     def forward_op(self) -> str:

@@ -25,11 +25,12 @@ from floatscope._diagnose.diff import ConfigDifference, RunDiff, diff_runs
 from floatscope._diagnose.health import KINDS, Finding, findings_for
 from floatscope._store.schema import (SCHEMA_VERSION, STATUSES, ActivationSample, Event, ModelInfo, ParamSample,
                                       PrecisionInfo, RunConfig, RunRecord, StepRecord)
+from floatscope._errors import StoreError
 from floatscope._store.sqlite import DEFAULT_STORE, RunStore, StoreMissing
 
 __all__ = ["open_store", "list_runs", "load_run", "steps", "events", "activations", "params", "config", "findings",
            "diff", "RunStore", "RunRecord", "StepRecord", "Event", "ActivationSample", "ParamSample", "RunConfig",
-           "ModelInfo", "PrecisionInfo", "Finding", "RunDiff", "ConfigDifference", "StoreMissing", "DEFAULT_STORE",
+           "ModelInfo", "PrecisionInfo", "Finding", "RunDiff", "ConfigDifference", "StoreError", "StoreMissing", "DEFAULT_STORE",
            "SCHEMA_VERSION", "STATUSES", "KINDS"]
 
 StoreArg = Union[str, "os.PathLike[str]", RunStore]

@@ -20,7 +20,7 @@ def add_parsers(sub: Any) -> None:
     h = sub.add_parser("health", help="findings about a run's numerical health (vanishing/exploding gradients, ...)")
     h.add_argument("run", help="run id, id prefix, or 'last'")
     h.add_argument("--json", metavar="PATH", help="write the findings as JSON")
-    add_store_option(h)
+    add_store_option(h, reads=True)
     h.set_defaults(handler=health_main)
 
     d = sub.add_parser("diff", help="why two runs differ: configuration, then the first divergent step and tensor",
@@ -33,7 +33,7 @@ def add_parsers(sub: Any) -> None:
                    help="relative tolerance for fingerprints (default 1e-6)")
     d.add_argument("--json", metavar="PATH")
     d.add_argument("--report", metavar="PATH", help="write an HTML page with both runs overlaid")
-    add_store_option(d)
+    add_store_option(d, reads=True)
     d.set_defaults(handler=diff_main)
 
     e = sub.add_parser("env", help="print the environment a run records (versions, device, determinism flags)")
@@ -43,7 +43,7 @@ def add_parsers(sub: Any) -> None:
     r = sub.add_parser("report", help="write a self-contained HTML report of a run")
     r.add_argument("run", help="run id, id prefix, or 'last'")
     r.add_argument("-o", "--output", default="floatscope-report.html", metavar="PATH")
-    add_store_option(r)
+    add_store_option(r, reads=True)
     r.set_defaults(handler=report_main)
 
 
@@ -64,7 +64,9 @@ def health_main(args: argparse.Namespace) -> int:
     finally:
         store.close()
     out = console()
-    out.print(f"run [bold]{record.id}[/]: {len(findings)} finding(s)")
+    partial = (f" (still running: {record.steps} step(s) up to its last commit)" if record.status == "running"
+               else "")
+    out.print(f"run [bold]{record.id}[/]: {len(findings)} finding(s){partial}")
     colours = {"error": "red", "warning": "yellow", "info": "cyan"}
     for f in findings:
         where = f" in {', '.join(f.layers[:5])}" if f.layers else ""
@@ -73,7 +75,9 @@ def health_main(args: argparse.Namespace) -> int:
         out.print(f"  why: {f.explanation}")
         for s in f.suggestions:
             out.print(f"  [green]- {s}[/]")
-    if not findings:
+    if not findings and record.steps == 0:
+        out.print("no finding, and nothing to judge: the run completed no training step")
+    elif not findings:
         out.print("[green]no finding: gradients, activations, updates and the loss scale look healthy[/]")
     if args.json:
         write_json(args.json, {"run_id": record.id, "findings": [f.to_dict() for f in findings]})
@@ -109,7 +113,7 @@ def diff_main(args: argparse.Namespace) -> int:
             table.add_row(d.key, _short(d.a), _short(d.b))
         out.print(table)
     if result.first_divergent_step is None:
-        out.print("[green]no divergent step[/]")
+        out.print(f"[green]no divergent step[/] in the {result.compared_steps} step(s) both runs recorded")
     else:
         out.print(f"first divergent step [bold]{result.first_divergent_step}[/]: {result.first_divergent_tensor}")
     out.print(result.explanation)

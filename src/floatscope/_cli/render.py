@@ -114,6 +114,19 @@ def check_json_path(path: str) -> None:
     if not os.access(target.parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
         raise UsageError(f"--json {path}: {'the file' if target.exists() else 'the folder ' + str(target.parent)} "
                          f"is not writable for this user; pick another path")
+    if not target.exists():
+        # os.access says yes to root everywhere (/proc, read-only bind mounts): create the file to be sure.
+        try:
+            target.touch(exist_ok=False)
+        except FileExistsError:
+            return
+        except OSError as exc:
+            raise UsageError(f"--json {path}: cannot create the file: {exc.strerror or exc}; pick another "
+                             f"path") from None
+        try:
+            target.unlink()
+        except OSError:
+            pass
 
 
 def write_json(path: str, data: Any) -> None:

@@ -35,9 +35,10 @@ EXIT_CODES = """exit status:
 The JSON "status" field is the source of truth: clean, nonfinite, error, unwatched, interrupted or terminated."""
 
 
-def add_store_option(parser: argparse.ArgumentParser) -> None:
+def add_store_option(parser: argparse.ArgumentParser, *, reads: bool = False) -> None:
+    what = "to read (opened read-only; never created)" if reads else "to record into"
     parser.add_argument("--store", default=str(DEFAULT_STORE), metavar="PATH",
-                        help=f"run store (SQLite) to record into or read from (default: {DEFAULT_STORE})")
+                        help=f"run store (SQLite) {what} (default: {DEFAULT_STORE})")
 
 
 def add_parser(sub: Any) -> None:
@@ -160,16 +161,18 @@ def _print_script_traceback(exc: BaseException, script: Path) -> None:
 
 def main(args: argparse.Namespace) -> int:
     store = None if args.no_store else args.store
-    if not 1 <= args.incident_exit_code <= 255 or args.incident_exit_code in (EXIT_USAGE, EXIT_INTERRUPTED,
-                                                                              EXIT_TERMINATED):
-        raise UsageError(f"--incident-exit-code {args.incident_exit_code}: choose a status from 1 to 255 other than "
-                         f"2 (bad input), 130 (SIGINT) and 143 (SIGTERM)")
+    if not 3 <= args.incident_exit_code <= 255 or args.incident_exit_code in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        raise UsageError(f"--incident-exit-code {args.incident_exit_code}: choose a status from 3 to 255 other than "
+                         f"130 (SIGINT) and 143 (SIGTERM); 0, 1 and 2 mean clean, the script failed and bad input")
     code, result = run_script(args.script, args.args, store=store, keep_going=args.keep_going,
                               replay=not args.no_replay, max_consecutive_skips=args.max_consecutive_skips,
                               health_every=args.health_every, exact_optimizer=args.exact_optimizer,
                               sync=args.sync, incident_exit_code=args.incident_exit_code)
     if args.json:  # first: a closed pipe on the terminal output must not lose it
-        write_json(args.json, result.to_dict())
+        try:
+            write_json(args.json, result.to_dict())
+        except UsageError as exc:  # the path broke while the script ran: report it, keep the run's status
+            print(f"floatscope: error: {exc} (the run's own exit status {code} is kept)", file=sys.stderr)
     try:
         print_result(result, console(stderr=True), store_path=store)
     except BrokenPipeError:  # floatscope run ... 2>&1 | head

@@ -19,12 +19,12 @@ _COLOURS = {"clean": "green", "nonfinite": "red", "error": "yellow", "running": 
 def add_parsers(sub: Any) -> None:
     p = sub.add_parser("runs", help="list the runs in the store")
     p.add_argument("--json", metavar="PATH", help="write the list as JSON to PATH")
-    add_store_option(p)
+    add_store_option(p, reads=True)
     p.set_defaults(handler=runs_main)
     s = sub.add_parser("show", help="reprint a run's diagnosis")
     s.add_argument("run", help="run id, id prefix, or 'last'")
     s.add_argument("--json", metavar="PATH", help="write the run's result JSON to PATH")
-    add_store_option(s)
+    add_store_option(s, reads=True)
     s.set_defaults(handler=show_main)
 
 
@@ -56,18 +56,22 @@ def runs_main(args: argparse.Namespace) -> int:
     if not records:
         out.print(f"no runs yet in {args.store} (floatscope run SCRIPT records one)")
         return 0
-    table = Table(title=f"runs in {args.store}", title_justify="left", pad_edge=False)
-    table.add_column("run", no_wrap=True)
-    table.add_column("started", no_wrap=True)
-    table.add_column("status", no_wrap=True)
-    table.add_column("steps", justify="right", no_wrap=True)
-    table.add_column("origin / command", overflow="ellipsis", no_wrap=True, ratio=1)
+    rows = []
     for r in records:
         inc = r.incident
         what = f"{inc.op} ({inc.phase}, step {inc.step})" if inc else (r.command or "")
-        colour = _COLOURS.get(r.status, "white")
-        table.add_row(r.id, time.strftime("%m-%d %H:%M", time.localtime(r.started)), f"[{colour}]{r.status}[/]",
-                      str(r.steps), what)
+        rows.append((r.id, time.strftime("%m-%d %H:%M", time.localtime(r.started)), r.status, str(r.steps), what))
+    # The fixed columns keep their width; the last one (a command can be any length) gets what is left.
+    fixed = [max(len(head), *(len(row[k]) for row in rows)) for k, head in enumerate(("run", "started", "status",
+                                                                                      "steps"))]
+    room = max(16, out.width - sum(fixed) - 3 * 5 - 1)
+    table = Table(title=f"runs in {args.store}", title_justify="left")
+    for head, width in zip(("run", "started", "status", "steps"), fixed, strict=True):
+        table.add_column(head, no_wrap=True, min_width=width, justify="right" if head == "steps" else "left")
+    table.add_column("origin / command", overflow="ellipsis", no_wrap=True, max_width=room)
+    for run_id, started, status, steps, what in rows:
+        what = what if len(what) <= room else what[: room - 1] + "…"
+        table.add_row(run_id, started, f"[{_COLOURS.get(status, 'white')}]{status}[/]", steps, what)
     out.print(table)
     return 0
 

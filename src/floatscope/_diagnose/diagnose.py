@@ -74,7 +74,8 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
     ops = event.operands
     dtype = ops[0].dtype if ops else event.output.dtype
     limit = event.output.dtype_max
-    backward = event.backward_node is not None
+    # The user's own backward code (a custom autograd.Function) is explained like forward code.
+    backward = event.backward_node is not None and not event.custom_backward
     producer = _base(event.producers[0]) if event.producers and event.producers[0] else None
     fixes: list[str] = []
 
@@ -277,6 +278,11 @@ def incident_from_event(root: OriginEvent, last: OriginEvent | None, *, step: in
     category = categorize(root)
     fwd_op = root.forward_op
     explanation, fixes = _explain(root, category, _base(fwd_op))
+    if root.custom_backward:
+        function = (root.backward_node or "").removesuffix("Backward")
+        explanation = f"in the backward of {function} (a custom autograd.Function: your code), " + explanation
+        fixes = fixes + [f"check {function}.backward against a finite-difference gradient "
+                         f"(torch.autograd.gradcheck on float64 inputs)"]
     consequence = None
     if last is not None and last is not root:
         where = f"{last.backward_node} in backward" if last.backward_node else f"{last.op} in {last.phase}"

@@ -61,10 +61,16 @@ class RunDiff:
     tolerance: float
     causes: list[str]
     explanation: str
+    steps_a: int = 0                # iterations each run completed
+    steps_b: int = 0
+    status_a: str = ""
+    status_b: str = ""
+    compared_steps: int = 0         # steps recorded by both, the ones compared
 
     @property
     def identical(self) -> bool:
-        return not self.config_differences and self.first_divergent_step is None
+        return (not self.config_differences and self.first_divergent_step is None and self.steps_a == self.steps_b
+                and "running" not in (self.status_a, self.status_b))
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_value(asdict(self))
@@ -207,8 +213,17 @@ def diff_runs(store_a: RunStore, run_a: str, store_b: RunStore, run_b: str, *, e
 
     causes = sorted({_cause(d.key) for d in differences})
     explanation = _explain(differences, causes, first_step, first_tensor, exact)
+    if first_step is None and (rec_a.steps != rec_b.steps or "running" in (rec_a.status, rec_b.status)):
+        running = [f"{label} is still running" for label, r in (("A", rec_a), ("B", rec_b)) if r.status == "running"]
+        explanation = (explanation.replace("the runs are identical: ", "").replace("Every recorded step matches.", "")
+                       .rstrip() + f" The comparison covers the {len(steps)} step(s) both runs recorded: A completed "
+                       f"{rec_a.steps} step(s) ({rec_a.status}) and B {rec_b.steps} ({rec_b.status})"
+                       + (f"; {', '.join(running)}" if running else "") + ", so they are not shown identical beyond "
+                       "that.")
+        explanation = explanation[0].upper() + explanation[1:]
     return RunDiff(rec_a.id, rec_b.id, differences, first_step, first_tensor, curve, exact, tolerance, causes,
-                   explanation)
+                   explanation, steps_a=rec_a.steps, steps_b=rec_b.steps, status_a=rec_a.status,
+                   status_b=rec_b.status, compared_steps=len(steps))
 
 
 def _activations(store: RunStore, run_id: str) -> dict[int, list[tuple[str, tuple[Any, Any]]]]:

@@ -197,7 +197,7 @@ class IterationClock:
             # a meta-learning step) were part of this iteration; manual-update iterations before stay.
             self.optimizer_mode = True
             self.boundary_pending = False
-            self.index = self.manual_completed
+            self.index = self.completed = self.manual_completed
         elif key in self.stepped:
             self.index += 1
             self.stepped = set()
@@ -905,7 +905,10 @@ class StepCapture:
             self.in_backward -= 1
         event.out = out
         self.window.produced.update(id(t) for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
-        self.clock.state_changed()
+        if not options.get("create_graph"):
+            # Gradients built to be differentiated again (a gradient penalty, a MAML inner step) are part of
+            # the iteration whose backward or step uses them: they end nothing.
+            self.clock.state_changed()
         return out
 
     # ------------------------------------------------------------------ manual updates

@@ -385,6 +385,7 @@ class OpTracer:
                external: bool, scalars: list[float], producers: list[str | None]) -> OriginEvent:
         node = torch._C._current_autograd_node()
         tag = self.current_tag
+        custom = False
         backward_node = None
         forward_tag = None
         if node is not None:
@@ -392,9 +393,17 @@ class OpTracer:
             forward_tag = node.metadata.get(_TAG_KEY) if hasattr(node, "metadata") else None
             # Ops inside a custom autograd.Function.backward are user code: blame that line.
             here = frame_from(sys._getframe(2), engine_boundary=True)
-            model = forward_tag.model if forward_tag else None
-            if here.file != "<unknown>":
-                frame, module, function = here, (forward_tag.module if forward_tag else None), None
+            custom = here.file != "<unknown>"
+            if custom and forward_tag is None:
+                # A custom Function's node carries no tag: the module that made its inputs called it.
+                forward_tag = _input_tag(node)
+                tag_of_inputs = forward_tag
+                forward_tag = None
+            else:
+                tag_of_inputs = forward_tag
+            model = tag_of_inputs.model if tag_of_inputs else None
+            if custom:
+                frame, module, function = here, (tag_of_inputs.module if tag_of_inputs else None), None
             elif forward_tag is not None:
                 frame, module, function = forward_tag.frame, forward_tag.module, forward_tag.function
             else:
@@ -417,6 +426,7 @@ class OpTracer:
             operands=[operand_stats(t) for t in inputs], output=operand_stats(bad), parent=parent,
             external_inf_inputs=external, scalars=scalars, producers=producers, function=function,
             input_keys=[storage_key(t) for t in originals], output_key=storage_key(bad), model=model,
+            custom_backward=node is not None and custom,
         )
 
     # ----------------------------------------------------------------- results
@@ -541,4 +551,20 @@ def _argument_detail(base: str, args: Any) -> str | None:
             if ignored == target.numel():
                 return (f"all {ignored} targets equal ignore_index={ignore}, so the mean is over zero targets: "
                         f"0/0")
+    return None
+
+
+def _input_tag(node: Any) -> ForwardTag | None:
+    """The forward tag of the nearest tagged node that fed ``node`` (a custom Function's inputs)."""
+    stack, seen = [fn for fn, _ in node.next_functions if fn is not None], 0
+    while stack and seen < 16:
+        fn = stack.pop(0)
+        seen += 1
+        try:
+            tag = fn.metadata.get(_TAG_KEY)
+        except (RuntimeError, AttributeError):
+            tag = None
+        if tag is not None:
+            return tag
+        stack.extend(f for f, _ in fn.next_functions if f is not None)
     return None

@@ -97,10 +97,11 @@ class RunRecord:
 
     def to_dict(self) -> dict[str, Any]:
         """The ``floatscope runs --json`` entry of this run."""
-        import time
+        import datetime
 
         def iso(t: float | None) -> str | None:
-            return None if t is None else time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))
+            # ISO 8601 with a colon in the offset (+00:00), which datetime.fromisoformat reads on every Python.
+            return None if t is None else datetime.datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")
 
         return {"run_id": self.id, "name": self.name or "", "status": self.status, "steps": self.steps,
                 "started": iso(self.started), "ended": iso(self.ended), "host": self.host or "",

@@ -8,8 +8,10 @@ Many processes write one store and any number read it while they do:
 - **Writers** (one per watched run: every ``floatscope run``, every rank of a distributed job) keep
   what they record in memory and write it in one short ``BEGIN IMMEDIATE`` transaction every
   ``commit_interval`` seconds and at every event. A transaction holds the write lock for about a
-  millisecond; a writer that finds the lock taken waits for it (``busy_timeout``), and when even that
-  fails it keeps the rows for its next commit and warns once: training never stops for the store.
+  millisecond. A periodic commit that finds the lock taken waits at most ``_COMMIT_WAIT`` (50 ms),
+  keeps its rows and tries again later, backing off while the lock stays taken (and warns once
+  after ``busy_timeout``): training never stops for the store. Run starts, events and the final
+  commit wait for the lock (``busy_timeout``, and the final one until it is free).
 
 Everything committed before a crash, a signal or ``kill -9`` stays readable. SQLite's locking
 needs a local filesystem: on NFS or Lustre give each process its own file (see the README).
@@ -75,6 +77,9 @@ class RunStore:
         self._config_patches: dict[str, dict[str, Any]] = {}
         self._live: dict[str, bool] = {}  # runs this process writes: their heartbeat goes with each commit
         self._warned = False
+        self._locked_since: float | None = None  # first failed periodic commit of the current lock
+        self._failures = 0
+        self._periodic = False  # inside a commit made by _maybe_commit (the training thread's)
         self._db: sqlite3.Connection | None = None
         if self.path.exists() and self.path.is_dir():
             raise StoreError(f"run store {self.path} is a directory; pass a file path such as "
@@ -241,7 +246,11 @@ class RunStore:
         """An event (an incident, a skipped step): committed now."""
         self._pending.append(("INSERT INTO events VALUES (?, ?, ?, ?, ?)",
                               (run_id, step, kind, json.dumps(to_json_value(data)), time.time())))
-        self.commit()
+        self._periodic = True  # the training thread: a held lock postpones it, the final commit waits
+        try:
+            self.commit()
+        finally:
+            self._periodic = False
 
     def finish_run(self, run_id: str, *, status: str, steps: int, skipped_steps: int,
                    result: dict[str, Any] | None) -> None:
@@ -309,14 +318,31 @@ class RunStore:
         for run_id, patch in patches.items():
             ops.append(_ConfigMerge(run_id, patch))
         ops.extend(heartbeat)
-        if self._transaction(self._db, ops, wait=wait):
-            self._last_commit = time.monotonic()
+        quick = not wait and self._periodic
+        if quick:  # the training thread calls this: never hold it up for long
+            self._db.execute(f"PRAGMA busy_timeout={int(_COMMIT_WAIT * 1000)}")
+        try:
+            done = self._transaction(self._db, ops, wait=wait, quiet=quick)
+        finally:
+            if quick:
+                self._db.execute(f"PRAGMA busy_timeout={int(self.busy_timeout * 1000)}")
+        self._last_commit = time.monotonic()
+        if done:
+            self._locked_since, self._failures = None, 0
         else:  # keep them, in order, ahead of what comes next
             self._pending = statements + self._pending
             for run_id, patch in patches.items():
                 self._config_patches[run_id] = {**patch, **self._config_patches.get(run_id, {})}
+            self._failures += 1
+            now = time.monotonic()
+            self._locked_since = self._locked_since if self._locked_since is not None else now
+            if quick and now - self._locked_since >= self.busy_timeout and not self._warned:
+                self._warned = True
+                warnings.warn(f"floatscope: the run store {self.path} has been locked by another process for "
+                              f"{now - self._locked_since:.0f} s; the rows are kept in memory and written when it "
+                              f"is free (training goes on)", RuntimeWarning, stacklevel=2)
 
-    def _transaction(self, db: sqlite3.Connection, ops: list[Any], *, wait: bool) -> bool:
+    def _transaction(self, db: sqlite3.Connection, ops: list[Any], *, wait: bool, quiet: bool = False) -> bool:
         deadline = time.monotonic() + (24 * 3600 if wait else 0)
         while True:
             try:
@@ -337,7 +363,7 @@ class RunStore:
                     raise StoreError(f"writing the run store {self.path} failed: {exc}") from None
                 if time.monotonic() < deadline:
                     continue  # busy_timeout already waited; keep waiting for a final write
-                if not self._warned:
+                if not self._warned and not quiet:
                     self._warned = True
                     warnings.warn(f"floatscope: the run store {self.path} stayed locked by another process for "
                                   f"{self.busy_timeout:g} s; its rows are kept and written at the next commit",
@@ -345,8 +371,14 @@ class RunStore:
                 return False
 
     def _maybe_commit(self) -> None:
-        if time.monotonic() - self._last_commit >= self.commit_interval:
-            self.commit()
+        # While another process holds the lock, wait longer between tries (up to 10 s).
+        interval = min(self.commit_interval * 2 ** min(self._failures, 6), max(self.commit_interval, 10.0))
+        if time.monotonic() - self._last_commit >= interval:
+            self._periodic = True
+            try:
+                self.commit()
+            finally:
+                self._periodic = False
 
     def close(self) -> None:
         if self._db is None:
@@ -465,6 +497,9 @@ class _ConfigMerge:
         config = json.loads(row[0]) if row and row[0] else {}
         config.update(self.patch)
         db.execute("UPDATE runs SET config=? WHERE id=?", (json.dumps(config), self.run_id))
+
+
+_COMMIT_WAIT = 0.05  # seconds a periodic commit waits for another writer's lock
 
 
 def _is_locked(exc: BaseException) -> bool:
