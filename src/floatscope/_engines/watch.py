@@ -323,11 +323,10 @@ class Watch(CaptureListener):
     @_guarded
     def pass_ended(self, p: Pass) -> None:
         if self._health.attached:
-            rows = self._health.take_activations()
-            if rows:
-                values = torch.cat([v.to(rows[0][3].device) for *_, v in rows])
-                self._channel.record(Payload("activations", values, (self._capture.window.iteration,
-                                                                     [(n, d, t, v.numel()) for n, d, t, v in rows])))
+            meta, table = self._health.take_activations()
+            if table is not None:
+                self._channel.record(Payload("activations", table.reshape(-1), (self._capture.window.iteration,
+                                                                               [(n, d, t, 8) for n, d, t in meta])))
 
     @_guarded
     def leaves_added(self, leaves: list[tuple[str, torch.Tensor]]) -> None:

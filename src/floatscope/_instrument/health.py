@@ -130,42 +130,35 @@ class HealthSampler:
     def attached(self) -> bool:
         return self._handle is not None
 
-    def take_activations(self) -> list[tuple[str, str, str, torch.Tensor]]:
-        """Statistics of the collected outputs: (layer, dtype, module type, 8 float32 values)."""
+    def take_activations(self) -> tuple[list[tuple[str, str, str]], torch.Tensor | None]:
+        """Statistics of the collected outputs: [(layer, dtype, module type)] and one (layers, 8) float32 tensor."""
         self.detach()
         collected, self._collected, self._seen = self._collected, [], set()
         if not collected:
-            return []
+            return [], None
         groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
         for i, (_, _, out, _) in enumerate(collected):
             groups.setdefault((out.device, out.dtype, out.numel()), []).append(i)
-        rows: list[torch.Tensor | None] = [None] * len(collected)
+        device = collected[0][2].device
         with torch.no_grad():
+            table = torch.full((len(collected), 8), -1.0, device=device)
             for (_, _, numel), index in groups.items():
                 per_chunk = max(1, _CHUNK_ELEMENTS // max(numel, 1))
                 for start in range(0, len(index), per_chunk):
                     part = index[start:start + per_chunk]
-                    stats = _group_stats([collected[i][2] for i in part])
-                    for i, row in zip(part, stats.unbind(0), strict=True):
-                        rows[i] = row
-            out_rows = []
+                    stats = _group_stats([collected[i][2] for i in part]).to(device)
+                    if part[-1] - part[0] == len(part) - 1:
+                        table[part[0]:part[-1] + 1, :6] = stats
+                    else:
+                        table[torch.tensor(part, device=device), :6] = stats
+            meta = []
             for i, (name, module, out, inp) in enumerate(collected):
-                row = rows[i]
-                assert row is not None
-                extra = []
                 if inp is not None:
-                    extra.append((6, (inp.detach().abs() > 5.0).float().mean()))
+                    table[i, 6] = (inp.detach().abs() > 5.0).float().mean().to(device)
                 if isinstance(module, _RECTIFIERS) and out.dim() >= 1 and out.shape[-1] > 0:
-                    extra.append((7, (out.detach().reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean()))
-                if extra:
-                    values = torch.full((8,), -1.0, device=row.device)
-                    values[:6] = row
-                    for k, v in extra:
-                        values[k] = v.to(row.device)
-                else:
-                    values = row
-                out_rows.append((name, dtype_name(out.dtype), self.types.get(name, type(module).__name__), values))
-        return out_rows
+                    table[i, 7] = (out.detach().reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
+                meta.append((name, dtype_name(out.dtype), self.types.get(name) or type(module).__name__))
+        return meta, table
 
     # ------------------------------------------------------------------ parameters
     def snapshot(self, params: list[torch.Tensor]) -> None:
