@@ -126,6 +126,35 @@ def test_runs_and_show_reprint_the_diagnosis(tmp_path):
     assert run.returncode == 3
 
 
+def test_a_diff_of_a_run_with_itself_says_so(tmp_path):
+    write(tmp_path / "train.py", TRAIN.replace("BAD", "-1"))
+    assert floatscope("run", "train.py", cwd=tmp_path).returncode == 0
+    proc = floatscope("diff", "last", "last", cwd=tmp_path)
+    assert proc.returncode == 0 and "A and B are the same run" in proc.stdout
+
+
+def test_determinism_names_the_module_or_says_there_is_none(tmp_path):
+    write(tmp_path / "model.py", """
+        import torch
+
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 8)), (
+                torch.randn(512, 64),)
+    """)
+    proc = floatscope("determinism", "model.py:make", "--backward", "--json", "d.json", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "module 'None'" not in proc.stdout
+    data = json.loads((tmp_path / "d.json").read_text())
+    assert [s["setting"].split()[0] for s in data["settings"]] == ["repeat", "threads", "reduction-order"]
+    for s in data["settings"]:
+        assert set(s) == {"setting", "identical", "ops_compared", "first_op", "first_op_index", "module", "phase",
+                          "max_ulp", "max_abs", "on_nondeterministic_list", "fixed_by_seed_everything", "note"}
+        if not s["identical"]:
+            where = f"module '{s['module']}'" if s["module"] else ("root" if s["module"] == "" else "outside any module")
+            assert where in proc.stdout
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_kill_9_keeps_what_was_committed(tmp_path):
     write(tmp_path / "killed.py", """

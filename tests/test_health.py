@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
@@ -123,6 +124,26 @@ def test_lstm_with_a_large_learning_rate_has_exploding_gradients_and_a_clip_valu
     assert exploding.evidence["peak_grad_norm"] > 1000 * clip
     assert f"max_norm={clip:.3g}" in exploding.suggestions[0]
     assert "lstm.weight_hh_l0" in exploding.layers
+    assert "recurrent layers (LSTM)" in exploding.explanation
+
+
+def test_an_mlp_whose_gradients_explode_to_nan_is_told_so_without_recurrent_text(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.ReLU(), torch.nn.Linear(64, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.3)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=5, on_anomaly="record") as w:
+        for i in range(30):
+            x = torch.randn(16, 8) * (1.0 if i < 12 else 30.0)
+            loss = F.mse_loss(model(x), x.sum(1, keepdim=True) ** 2)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    found = {f.kind: f for f in _findings(tmp_path / "s.sqlite", w.run_id)}
+    exploding = found["exploding-gradient"]
+    assert "recurrent" not in exploding.explanation.lower()
+    norms = [s.grad_norm for s in fr.steps(w.run_id, store=tmp_path / "s.sqlite") if s.grad_norm is not None]
+    assert math.isnan(norms[-1])
+    assert "then NaN" in exploding.explanation and "inf" not in exploding.explanation.lower().replace("inf/nan", "")
 
 
 def test_fp16_autocast_layer_near_65504_is_an_overflow_risk(tmp_path):

@@ -225,10 +225,19 @@ def test_keep_in_fp32_helper_applies_and_removes():
     handle = model.attn.register_forward_hook(lambda m, a, o: seen.append(a[0].dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x)
+    assert repr(policy) == "Float32Policy(['attn'], active)"
     policy.remove()
     handle.remove()
     assert seen == [torch.float32]
     assert not model.attn._forward_pre_hooks
+    assert repr(policy) == "Float32Policy(['attn'], removed)"
+    policy.remove()  # twice is fine
+    # As a context manager: applied inside the block, removed after it, also when the block raises.
+    with pytest.raises(RuntimeError, match="boom"):
+        with precision.keep_in_fp32(model, ["attn"]) as inside:
+            assert isinstance(inside, precision.Float32Policy) and model.attn._forward_pre_hooks
+            raise RuntimeError("boom")
+    assert not model.attn._forward_pre_hooks and not model.attn._forward_hooks
     with pytest.raises(UsageError, match="no module named 'nope'"):
         precision.keep_in_fp32(model, ["nope"])
 

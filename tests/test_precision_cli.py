@@ -77,6 +77,28 @@ def test_precision_cli_rejects_bad_targets(tmp_path, target):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def test_a_target_with_its_own_argparse_sees_its_own_argv(tmp_path):
+    # A training script whose argparse runs at import time (parse_args() at module level).
+    (tmp_path / "train.py").write_text(textwrap.dedent("""
+        import argparse, sys
+        import torch
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--epochs", type=int, default=3)
+        args = parser.parse_args()
+        ARGV = list(sys.argv)
+
+        def make():
+            torch.manual_seed(0)
+            return torch.nn.Sequential(torch.nn.Linear(4, 4)), (torch.randn(2, 4),)
+    """))
+    proc = cli("precision", "train.py:make", "--tolerance", "0.05", "--json", "p.json", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" not in proc.stderr
+    (tmp_path / "exits.py").write_text("import sys\nsys.exit(4)\ndef make():\n    pass\n")
+    proc = cli("precision", "exits.py:make", cwd=tmp_path)
+    assert proc.returncode == 2 and "exited (status 4)" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_formats_cli(tmp_path):
     proc = cli("formats", cwd=tmp_path)
     assert proc.returncode == 0
@@ -89,6 +111,14 @@ def test_formats_cli(tmp_path):
     line = next(l for l in proc.stdout.splitlines() if "bfloat16" in l)
     assert "99840.0" in line
     assert cli("formats", "--value", "abc", cwd=tmp_path).returncode == 2
+    # Negative values are values, not options; -inf in a format without infinities saturates at -max.
+    proc = cli("formats", "--value", "-1e-8", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "flushes to 0" in next(l for l in proc.stdout.splitlines() if "│ float16 " in l)
+    proc = cli("formats", "--value", "-inf", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if "float8_e4m3fn" in l)
+    assert "-448.0" in line and "saturates at -448" in line
 
 
 def test_report_is_self_contained_and_renders_in_a_browser(tmp_path, target):

@@ -112,12 +112,13 @@ class Incident:
     operands: list[OperandStats]
     output: OperandStats | None = None
     code: str | None = None
-    function: str | None = None
+    function: str | None = None    # the user's function holding ``line`` ("<module>" for top-level code)
     optimizer_state: list[str] = field(default_factory=list)
     consequence: str | None = None
     exact: bool = True
     replay_seconds: float | None = None
     model: str | None = None
+    call: str | None = None        # the torch callable that ran the op (torch.nn.functional.cross_entropy)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object of the ``incident`` field (non-finite floats become null)."""

@@ -10,6 +10,7 @@ Example:
 from floatscope._engines.precision import (
     DEFAULT_TOLERANCE,
     Accumulation,
+    Float32Policy,
     ModuleError,
     OpError,
     PrecisionResult,
@@ -18,5 +19,5 @@ from floatscope._engines.precision import (
     keep_in_fp32,
 )
 
-__all__ = ["DEFAULT_TOLERANCE", "Accumulation", "ModuleError", "OpError", "PrecisionResult", "Recommendation",
+__all__ = ["DEFAULT_TOLERANCE", "Accumulation", "Float32Policy", "ModuleError", "OpError", "PrecisionResult", "Recommendation",
            "analyze", "keep_in_fp32"]

@@ -32,8 +32,9 @@ def main(args: argparse.Namespace) -> int:
             continue
         listed = "on PyTorch's non-deterministic list" if s.on_nondeterministic_list else "not on the non-deterministic list"
         fixed = "removed by" if s.fixed_by_seed_everything else "not removed by"
-        out.print(f"[red]{s.setting}[/]: first differs at op #{s.first_op_index} {s.first_op} ({s.phase}, module "
-                  f"'{s.module}'), by up to {s.max_ulp:.3g} ULPs ({s.max_abs:.3g} absolute); {listed}; {fixed} "
+        where = f"module '{s.module}'" if s.module else ("the model's root" if s.module == "" else "outside any module")
+        out.print(f"[red]{s.setting}[/]: first differs at op #{s.first_op_index} {s.first_op} ({s.phase}, {where}), "
+                  f"by up to {s.max_ulp:.3g} ULPs ({s.max_abs:.3g} absolute); {listed}; {fixed} "
                   f"seed_everything(0, deterministic=True)")
         if s.note:
             out.print(f"  {s.note}")

@@ -50,8 +50,10 @@ def main(args: argparse.Namespace) -> int:
         elif math.isnan(stored) and not math.isnan(value):
             status, err = f"[red]overflows to NaN[/] (max {f.max:.4g}, no inf in this format)", "nan"
         elif abs(stored) == f.max and abs(value) > f.max * (1 + f.eps / 2):
-            status = f"[red]saturates[/] at max {f.max:.4g}"
-            err = f"{abs(stored - value) / abs(value):.3g}"
+            limit = f"{'-' if stored < 0 else ''}{f.max:.4g}"
+            status = (f"[red]saturates[/] at {limit} (no inf in this format)" if math.isinf(value)
+                      else f"[red]saturates[/] at {limit}")
+            err = "inf" if math.isinf(value) else f"{abs(stored - value) / abs(value):.3g}"
         elif stored == 0.0 and value != 0.0:
             status, err = f"[red]flushes to 0[/] (smallest subnormal {f.smallest_subnormal:.3g})", "1"
         else:

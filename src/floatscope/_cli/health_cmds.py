@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from floatscope._cli.render import console, write_json
+from floatscope._cli.render import console, step_span, write_json
 from floatscope._cli.run import add_store_option
 from floatscope._cli.store_cmds import open_reader
 from floatscope._errors import UsageError
@@ -70,7 +70,7 @@ def health_main(args: argparse.Namespace) -> int:
     colours = {"error": "red", "warning": "yellow", "info": "cyan"}
     for f in findings:
         where = f" in {', '.join(f.layers[:5])}" if f.layers else ""
-        steps = f" (steps {f.steps[0]}..{f.steps[-1]})" if f.steps else ""
+        steps = f" ({step_span(f.steps)})" if f.steps else ""
         out.print(f"[{colours[f.severity]}]{f.severity}[/] [bold]{f.kind}[/]{where}{steps}")
         out.print(f"  why: {f.explanation}")
         for s in f.suggestions:
@@ -103,6 +103,9 @@ def diff_main(args: argparse.Namespace) -> int:
             store_b.close()
     out = console()
     out.print(f"diff [bold]{result.run_a}[/] vs [bold]{result.run_b}[/]")
+    if result.run_a == result.run_b and store_a.path.resolve() == store_b.path.resolve():
+        out.print(f"[yellow]A and B are the same run[/] ({args.run_a} and {args.run_b} both name {result.run_a}): "
+                  f"pass two run ids, e.g. from floatscope runs")
     if result.config_differences:
         from rich.table import Table
 

@@ -37,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # "--value -1e-8" / "--value -inf": argparse reads a token that starts with "-" as an option unless it
+    # looks like a plain negative number; a number after --value is always its argument.
+    for i, token in enumerate(argv[:-1]):
+        if token == "--value" and argv[i + 1].startswith("-") and _is_number(argv[i + 1]):
+            argv[i:i + 2] = [f"--value={argv[i + 1]}"]
+            break
     args = parser.parse_args(argv)
     if getattr(args, "handler", None) is None:
         parser.print_help(sys.stderr)
@@ -50,6 +57,14 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, (ValueError, OSError, ImportError)):
             return fail(str(exc))
         raise
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 if __name__ == "__main__":

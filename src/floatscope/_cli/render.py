@@ -7,7 +7,7 @@ from typing import Any
 
 from floatscope._results import Incident, RunResult
 
-__all__ = ["console", "print_incident", "print_result", "check_json_path", "write_json"]
+__all__ = ["console", "print_incident", "print_result", "check_json_path", "write_json", "plural", "step_span"]
 
 
 def console(stderr: bool = False) -> Any:
@@ -72,7 +72,7 @@ def print_result(result: RunResult, out: Any, *, store_path: str | None = None) 
     colour = {"clean": "green", "nonfinite": "red", "error": "yellow"}.get(result.status, "yellow")
     scale = f", loss scale {result.loss_scale:g}" if result.loss_scale is not None else ""
     where = f" in {store_path}" if store_path and result.run_id else ""
-    out.print(f"[{colour}]{result.status}[/]: {result.steps} steps, {result.skipped_steps} skipped by GradScaler"
+    out.print(f"[{colour}]{result.status}[/]: {plural(result.steps, 'step')}, {result.skipped_steps} skipped by GradScaler"
               f"{scale}; run [bold]{result.run_id or '-'}[/]{where}")
     for c in result.contained:
         what = "NaN" if c.kind == "nan" else "Inf"
@@ -95,6 +95,16 @@ def fmt_num(x: float | None) -> str:
     if x in (float("inf"), float("-inf")):
         return "inf" if x > 0 else "-inf"
     return f"{x:.3g}"
+
+
+def plural(n: int, noun: str) -> str:
+    """``1 step``, ``2 steps``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def step_span(steps: list[int]) -> str:
+    """``step 23``, ``steps 23..40``."""
+    return "" if not steps else (f"step {steps[0]}" if steps[0] == steps[-1] else f"steps {steps[0]}..{steps[-1]}")
 
 
 def check_json_path(path: str) -> None:

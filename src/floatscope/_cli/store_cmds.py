@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from floatscope._cli.render import check_json_path, console, print_incident, write_json
+from floatscope._cli.render import check_json_path, console, plural, print_incident, write_json
 from floatscope._cli.run import add_store_option
 from floatscope._store.sqlite import RunStore, StoreMissing
 
@@ -90,7 +90,7 @@ def show_main(args: argparse.Namespace) -> int:
     env = record.env
     out.print(f"  torch {env.get('torch')}, python {env.get('python')}, device {env.get('device')}, "
               f"default dtype {env.get('default_dtype')}, deterministic {env.get('deterministic_algorithms')}")
-    out.print(f"  {record.steps} steps, {record.skipped_steps} skipped by GradScaler")
+    out.print(f"  {plural(record.steps, 'step')}, {record.skipped_steps} skipped by GradScaler")
     if steps:
         last = steps[-5:]
         out.print("  last steps: " + "; ".join(

@@ -27,16 +27,24 @@ def load_target(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     if spec is None or spec.loader is None:
         raise UsageError(f"cannot import '{path}' as Python")
     module = importlib.util.module_from_spec(spec)
+    # The target sees itself as the program (its own argparse must not read floatscope's arguments).
+    argv, sys.argv = sys.argv, [str(path)]
     sys.path.insert(0, str(path.resolve().parent))
     try:
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+            factory = getattr(module, factory_name, None)
+            if not callable(factory):
+                raise UsageError(f"'{path}' has no callable '{factory_name}'; define def {factory_name}(): "
+                                 f"return model, (example_input, ...)")
+            made = factory()
+        except SystemExit as exc:
+            raise UsageError(f"importing '{path}' or calling {factory_name}() exited (status {exc.code}); a target "
+                             f"file must build its model without running a script: put the script's code under "
+                             f"if __name__ == '__main__':") from None
     finally:
         sys.path.pop(0)
-    factory = getattr(module, factory_name, None)
-    if not callable(factory):
-        raise UsageError(f"'{path}' has no callable '{factory_name}'; define def {factory_name}(): "
-                         f"return model, (example_input, ...)")
-    made = factory()
+        sys.argv = argv
     if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
         raise UsageError(f"{factory_name}() must return (model, example_inputs) with a torch.nn.Module; "
                          f"it returned {type(made).__name__}")

@@ -18,7 +18,8 @@ Thresholds (documented in the README):
 * gradient-underflow: in fp16 training, a median of more than 5% of a parameter's non-zero gradient
   elements would flush to zero at the current loss scale.
 * loss-spike: a loss more than 6 standard deviations above the mean of the previous 128 steps
-  (at least 20 of them).
+  (at least 20 of them), more than 3x their median, and a jump of more than a tenth of the loss's
+  early level (the median of the first 20 losses).
 * update-ratio: a weight matrix whose median update/weight norm ratio is below 1e-7 or above 0.3.
 * loss-scale-collapse: the GradScaler's scale below 1, or 32 skipped steps in a row.
 """
@@ -149,30 +150,43 @@ def _vanishing(run: _Run) -> list[Finding]:
 
 
 def _exploding(run: _Run) -> list[Finding]:
-    norms = [(s.step, s.grad_norm) for s in run.steps if not s.skipped]
+    # A step row without a gradient norm was not measured there (the loss scale of the final read).
+    norms = [(s.step, s.grad_norm) for s in run.steps if not s.skipped and s.grad_norm is not None]
     if len(norms) < 10:
         return []
     head = [g for _, g in norms[: max(3, len(norms) // 10)] if g is not None and math.isfinite(g)]
     if not head:
         return []
     base = statistics.median(head)
-    bad = [(s, g) for s, g in norms if g is None or not math.isfinite(g) or g > 100 * base]
+    bad = [(s, g) for s, g in norms if not math.isfinite(g) or g > 100 * base]
     if not bad:
         return []
     finite = [g for _, g in norms if g is not None and math.isfinite(g) and g > 0]
     trend = (math.log(finite[-1]) - math.log(finite[0])) / max(1, len(finite) - 1) if len(finite) > 1 else 0.0
     clip = sorted(head)[min(len(head) - 1, int(0.9 * len(head)))]
-    peak = max((g for _, g in bad if g is not None and math.isfinite(g)), default=math.inf)
+    finite_peak = max((g for _, g in bad if math.isfinite(g)), default=None)
+    first_bad = next((g for _, g in bad if not math.isfinite(g)), None)
+    if finite_peak is not None:
+        peak, reached = finite_peak, f"{finite_peak:.3g}"
+    else:
+        peak = first_bad if first_bad is not None else math.inf
+        reached = "NaN" if first_bad is not None and math.isnan(first_bad) else "Inf"
+    if finite_peak is not None and first_bad is not None:
+        reached += f", then {'NaN' if math.isnan(first_bad) else 'Inf'}"
     layer_growth = _layer_growth(run)
+    types = {layer_type for _, layer_type in (run.config.model.structure if run.config.model else [])}
+    recurrent = sorted(types & {"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"})
+    where = (f" The model's recurrent layers ({', '.join(recurrent)}) multiply the same weights at every time "
+             f"step, which is where this usually starts: clip gradients for them." if recurrent else
+             (f" The gradients grew most in {', '.join(layer_growth[:3])}." if layer_growth else ""))
     return [Finding(
-        kind="exploding-gradient", severity="error" if any(g is None or not math.isfinite(g) for _, g in bad)
+        kind="exploding-gradient", severity="error" if any(not math.isfinite(g) for _, g in bad)
         else "warning", layers=layer_growth[:3], steps=[s for s, _ in bad][:20],
         evidence={"early_median_grad_norm": base, "peak_grad_norm": peak, "first_exploding_step": bad[0][0],
                   "log_growth_per_step": trend, "recommended_max_norm": clip},
-        explanation=(f"the gradient norm rose from a median of {base:.3g} over the early steps to {peak:.3g} (step "
+        explanation=(f"the gradient norm rose from a median of {base:.3g} over the early steps to {reached} (step "
                      f"{bad[0][0]} onwards): updates this large throw the weights out of the region where the loss "
-                     f"is smooth, and the run heads for Inf/NaN. Recurrent layers multiply the same weights at every "
-                     f"time step, which is where this usually starts."),
+                     f"is smooth, and the run heads for Inf/NaN.{where}"),
         suggestions=[f"clip gradients: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm={clip:.3g}) "
                      "(the 90th percentile of the healthy early gradient norms)",
                      "lower the learning rate or add warm-up"])]
@@ -310,23 +324,35 @@ def _underflow(run: _Run) -> list[Finding]:
     return out
 
 
+# A loss spike: over 6 standard deviations above the rolling mean, over 3x the rolling median, and a jump of
+# over a tenth of the loss's early level (calibrated on healthy 1,000-step runs: tests/test_health_calibration.py).
+_SPIKE_SIGMAS, _SPIKE_FACTOR, _SPIKE_OF_EARLY = 6.0, 3.0, 0.1
+
+
 def _loss_spikes(run: _Run) -> list[Finding]:
     losses = [(s.step, s.loss) for s in run.steps if s.loss is not None and not s.skipped]
+    early = [v for _, v in losses[:20] if math.isfinite(v)]
+    # The loss's own scale: a jump that is large next to a loss already near 0 (0.0004 -> 0.004 late in a
+    # classifier's training) is batch noise, not a spike. A spike must stand out three ways.
+    level = statistics.median(early) if early else 0.0
     spikes = []
     for i in range(20, len(losses)):
         window = [v for _, v in losses[max(0, i - 128):i] if math.isfinite(v)]
         if len(window) < 20:
             continue
         mean, std = statistics.fmean(window), statistics.pstdev(window)
+        median = statistics.median(window)
         value = losses[i][1]
-        if math.isfinite(value) and std > 0 and (value - mean) / std > 6.0 and value > mean * 1.05:
+        if (math.isfinite(value) and std > 0 and (value - mean) / std > _SPIKE_SIGMAS
+                and value > _SPIKE_FACTOR * median and value - median > _SPIKE_OF_EARLY * level):
             spikes.append((losses[i][0], value, (value - mean) / std, mean))
     if not spikes:
         return []
     return [Finding(
         kind="loss-spike", severity="warning", layers=[], steps=[s for s, *_ in spikes][:20],
         evidence={"spikes": [{"step": s, "loss": v, "z": z, "rolling_mean": m} for s, v, z, m in spikes[:10]]},
-        explanation=(f"the loss jumped {len(spikes)} time(s) more than 6 standard deviations above its rolling mean "
+        explanation=(f"the loss jumped {len(spikes)} time(s) more than 6 standard deviations above its rolling mean, "
+                     f"to over 3x its rolling median "
                      f"(first at step {spikes[0][0]}: {spikes[0][1]:.4g} against {spikes[0][3]:.4g}). Spikes precede "
                      f"divergence: a bad batch, a learning rate too high for the current curvature, or Adam's second "
                      f"moment underestimating a rare large gradient."),

@@ -69,7 +69,8 @@ def intended_incident(*, step: int, event: OriginEvent, reached: str, stats: Ope
         step=step, phase=event.phase, kind=event.kind, op=event.op, backward_node=None, module=event.module,
         param=None, file=frame.file, line=frame.line, category="input", explanation=explanation,
         suggestions=fixes, operands=[stats], output=event.output, code=frame.code or None,
-        function=event.function, replay_seconds=seconds, model=event.model if event.module is not None else None,
+        function=event.frame.function if event.frame.known else None, call=event.function, replay_seconds=seconds,
+        model=event.model if event.module is not None else None,
     )
 
 

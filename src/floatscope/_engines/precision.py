@@ -297,18 +297,46 @@ class _ModulePolicy:
         self.handles = []
 
 
-def keep_in_fp32(model: torch.nn.Module, names: Sequence[str]) -> _ModulePolicy:
+class Float32Policy:
+    """The float32 modules of :func:`keep_in_fp32`, applied until :meth:`remove` (or the ``with`` block ends)."""
+
+    def __init__(self, names: Sequence[str], policy: _ModulePolicy) -> None:
+        self.names = list(names)
+        self._policy = policy
+
+    @property
+    def active(self) -> bool:
+        return bool(self._policy.handles)
+
+    def remove(self) -> None:
+        """Take the hooks off: the modules run in the surrounding precision again. Safe to call twice."""
+        self._policy.remove()
+
+    def __enter__(self) -> "Float32Policy":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "removed"
+        return f"Float32Policy({self.names!r}, {state})"
+
+
+def keep_in_fp32(model: torch.nn.Module, names: Sequence[str]) -> Float32Policy:
     """Run the named modules in float32, the rest of the model as it is (e.g. under autocast).
 
     Inside the named modules autocast is disabled and floating inputs are cast to float32; the
-    parameters of those modules must be float32 (they are under autocast training). Call
-    ``.remove()`` on the result to undo it.
+    parameters of those modules must be float32 (they are under autocast training). The policy
+    holds until ``.remove()`` is called on the result, or for a ``with`` block.
 
     Example:
         >>> policy = keep_in_fp32(model, ["encoder.layers.3.attn"])  # doctest: +SKIP
         >>> with torch.autocast("cuda", dtype=torch.float16):  # doctest: +SKIP
         ...     loss = model(x)
         >>> policy.remove()  # doctest: +SKIP
+        >>> with keep_in_fp32(model, ["head"]), torch.autocast("cuda", dtype=torch.float16):  # doctest: +SKIP
+        ...     loss = model(x)
     """
     lookup = dict(model.named_modules())
     missing = [n for n in names if n not in lookup]
@@ -316,8 +344,8 @@ def keep_in_fp32(model: torch.nn.Module, names: Sequence[str]) -> _ModulePolicy:
         raise UsageError(f"no module named {', '.join(repr(n) for n in missing)} in {type(model).__name__}; "
                          f"names are dotted paths as in model.named_modules()")
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    return _ModulePolicy([lookup[n] for n in names], compute=torch.float32, outer=None, autocast_dtype=None,
-                         device_type=device_type)
+    return Float32Policy(names, _ModulePolicy([lookup[n] for n in names], compute=torch.float32, outer=None,
+                                              autocast_dtype=None, device_type=device_type))
 
 
 class _Runner:

@@ -96,7 +96,8 @@ class Watch(CaptureListener):
             (what ``floatscope run`` does). Torch calls made outside the models (the loss, raw
             tensors) are watched either way.
         optimizer: The optimizer (or optimizers). ``None`` watches every ``torch.optim`` optimizer.
-        scaler: A ``torch.amp.GradScaler``. ``None`` watches every GradScaler when ``model`` is None.
+        scaler: A ``torch.amp.GradScaler``. ``None`` follows every GradScaler the block uses (a step it skips
+            for Inf/NaN gradients is counted, not an incident).
         on_anomaly: ``"raise"`` raises :class:`NonFiniteError` where the failure is found;
             ``"warn"`` warns and continues; ``"record"`` only records.
         store: Run store path, a :class:`RunStore`, or None for no store.
@@ -188,7 +189,7 @@ class Watch(CaptureListener):
         self._health = HealthSampler(self._health_every if self._store is not None else 0)
         self._capture = StepCapture(self, self._models, self._optimizers)
         self._replayer = Replayer(self._capture)
-        self._probe = ScalerProbe(self._capture, self._scaler, all_scalers=not self._models,
+        self._probe = ScalerProbe(self._capture, self._scaler, all_scalers=self._scaler is None,
                                   on_update=self._scaler_updated)
         self._hooks = HookSet()
         self._windows: dict[int, Window] = {}
@@ -471,7 +472,9 @@ class Watch(CaptureListener):
             self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
                                       window=window.index, step=step))
             self._queue_state(optimizer, window, self._huge_grads[0] if self._huge_grads else step)
-        self._queue_scale(window.iteration)
+        # The scale after the last update belongs to the last step, not to a row of its own.
+        completed = capture.clock.completed
+        self._queue_scale(window.iteration if window.iteration < completed or not completed else completed - 1)
         self._read(self._channel.transfer(blocking=True))
 
     def _promote_contained(self, exc_type: Any, exc: Any) -> Incident | None:

@@ -12,11 +12,16 @@ from floatscope._errors import UsageError
 __all__ = ["Page", "finite_or_none"]
 
 _CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#212529}
+body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;padding:0 1rem;
+color:#212529}
 h1{font-size:1.5rem} h2{font-size:1.15rem;margin-top:2rem;border-bottom:1px solid #dee2e6}
-table{border-collapse:collapse;font-size:.85rem} td,th{padding:.25rem .6rem;border-bottom:1px solid #e9ecef;text-align:left}
-th{background:#f8f9fa} .bad{color:#c92a2a;font-weight:600} .ok{color:#2b8a3e} pre{background:#f8f9fa;padding:.8rem}
-.note{color:#495057;font-size:.9rem}
+h1,p{overflow-wrap:anywhere}
+.table{max-width:100%;overflow-x:auto}
+table{border-collapse:collapse;font-size:.85rem} th{white-space:nowrap}
+td,th{padding:.25rem .6rem;border-bottom:1px solid #e9ecef;text-align:left;vertical-align:top;overflow-wrap:break-word}
+th{background:#f8f9fa} .bad{color:#c92a2a;font-weight:600} .ok{color:#2b8a3e}
+pre{background:#f8f9fa;padding:.8rem;white-space:pre-wrap;overflow-wrap:anywhere}
+.note{color:#495057;font-size:.9rem} .plotly-graph-div{max-width:100%}
 """
 
 
@@ -45,7 +50,9 @@ class Page:
     def table(self, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
         head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
         body = "".join("<tr>" + "".join(f"<td>{html.escape(_cell(c))}</td>" for c in row) + "</tr>" for row in rows)
-        self.parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        # Wrapped so that a table too wide for the page scrolls inside its box, not the page.
+        self.parts.append(f'<div class="table"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody>'
+                          '</table></div>')
 
     def figure(self, fig: Any, div_id: str) -> None:
         include = not self._plotly_included
