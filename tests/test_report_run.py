@@ -83,7 +83,7 @@ def test_loss_scale_axis_is_labelled_at_powers_of_two():
     # The scales of the run: plotly labelled them 0.3973396 and 179.7413.
     axis = _scale_axis([0.3973396, 179.7413, 2.0])
     ks = [round(math.log2(v)) for v in axis["tickvals"]]
-    assert all(v == 2.0 ** k for v, k in zip(axis["tickvals"], ks))
+    assert all(v == 2.0 ** k for v, k in zip(axis["tickvals"], ks, strict=True))
     assert axis["ticktext"] == [f"2<sup>{k}</sup>" for k in ks]
     assert ks[0] <= -1 and ks[-1] >= 8 and len(ks) <= 8
     low, high = axis["range"]  # log10 units: the whole curve is inside
