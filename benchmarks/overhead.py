@@ -59,6 +59,21 @@ class GPT(torch.nn.Module):
         return self.head(self.norm(x))  # (B, T, V)
 
 
+Transformer = GPT  # with its defaults, the 10.5M-parameter model the precision and compare benchmarks use
+
+
+def median_forward(model: torch.nn.Module, inputs: tuple[Any, ...], repeats: int = 5) -> float:
+    """Median seconds of one no-grad forward pass (after a warm-up pass)."""
+    with torch.no_grad():
+        model(*inputs)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            model(*inputs)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 @dataclass
 class Setup:
     """A model, its optimizer, a step function and batches; ``make(seed)`` builds a fresh one."""

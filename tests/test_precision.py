@@ -279,3 +279,85 @@ def test_nn_lstm_and_sequence_dim_get_per_step_error_curves():
     assert len(by_module["lstm"].error) == 40 and len(by_module[""].error) == 40
     assert result.accumulation.module == "lstm"  # recurrent modules come first
     assert all(0 < e < 0.1 for e in by_module["lstm"].error)
+
+
+# --------------------------------------------------------------------------- the policy's verdicts
+class Fourier(torch.nn.Module):
+    """NeRF-style positional encoding, sin and cos of 2^k * pi * x: it amplifies input rounding."""
+
+    def __init__(self, bands: int = 7):
+        super().__init__()
+        self.register_buffer("freqs", 2.0 ** torch.arange(bands) * math.pi)
+
+    def forward(self, x):
+        z = x.unsqueeze(-1) * self.freqs
+        return torch.cat([torch.sin(z), torch.cos(z)], -1).flatten(-2)
+
+
+class NeRFish(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = Fourier()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(42, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+    def forward(self, x):
+        return self.mlp(self.enc(x))
+
+
+def test_when_the_inputs_rounding_is_the_floor_the_policy_says_so_and_measures_autocast():
+    torch.manual_seed(0)
+    x = torch.rand(256, 3) * 2 - 1
+    model = NeRFish()
+    result = precision.analyze(model, (x,), dtype="bfloat16", mode="cast", tolerance=0.02)
+    rec = result.recommendation
+    assert not rec.tolerance_met
+    # Oracle: the float64 model on bfloat16-rounded inputs.
+    with torch.no_grad():
+        exact = model.double()(x.double())
+        rounded = model(x.bfloat16().double())
+    floor = relative_error(rounded, exact)
+    model.float()
+    assert rec.input_floor == pytest.approx(floor, rel=1e-6) and rec.input_floor > 0.02
+    assert "The floor is the inputs" in rec.reason and "enc" in rec.reason
+    # Every kept module earned its place: the set improves the error by at least 5%.
+    assert rec.keep_fp32 == [] or rec.output_error_after <= 0.95 * rec.output_error_before
+    assert rec.alternative["mode"] == "autocast" and rec.alternative["meets"]
+    assert rec.alternative["output_error"] <= 0.02 and "mode='autocast'" in rec.reason
+    assert result.to_dict()["recommendation"]["alternative"]["meets"] is True
+
+
+def test_a_set_that_changes_nothing_is_never_recommended():
+    # The chaotic seed LSTM in bfloat16: no float32 module can rescue it, so none is recommended.
+    from floatscope.examples.lstm_accumulation import make
+
+    model, inputs = make()
+    rec = precision.analyze(model, inputs, dtype="bfloat16", mode="cast", tolerance=0.02).recommendation
+    assert not rec.tolerance_met
+    assert rec.keep_fp32 == [] or rec.output_error_after <= 0.95 * rec.output_error_before
+    assert rec.reason.startswith("no set of float32 modules meets the tolerance 0.02")
+
+
+class NearMax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj, self.norm, self.head = torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.head(self.norm(self.proj(x)))
+
+
+def test_a_module_near_the_float16_max_is_kept_for_headroom_with_the_reason():
+    torch.manual_seed(0)
+    model, x = NearMax(), torch.randn(64, 16)
+    with torch.no_grad():
+        peak = model.proj(x).abs().max()
+        model.proj.weight.mul_(57000 / peak)
+        model.proj.bias.mul_(57000 / peak)
+    result = precision.analyze(model, (x,), dtype="float16", mode="cast", tolerance=0.01)
+    rec = result.recommendation
+    assert result.flagged == ["proj"] and result.output_error < 0.01
+    assert rec.keep_fp32 == ["proj"] and rec.kept_for_headroom == ["proj"] and rec.tolerance_met
+    headroom = result.module("proj").headroom_bits
+    assert headroom == pytest.approx(math.log2(65504 / 57000), abs=0.01)
+    assert f"within {headroom:.2g} bits of float16's max" in rec.reason and "for headroom" in rec.reason
+    assert "nothing needs float32" not in rec.snippet

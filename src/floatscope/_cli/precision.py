@@ -82,4 +82,6 @@ def _print(result: Any, out: Any, top: int) -> None:
         out.print(f"keep in float32: {rec.keep_fp32 or 'nothing'}; output error {fmt_num(rec.output_error_before)} -> "
                   f"{fmt_num(rec.output_error_after)}, {verdict} {fmt_num(rec.tolerance)}; "
                   f"{rec.fp32_param_fraction:.1%} of parameters in float32")
+        if rec.reason:
+            out.print(rec.reason, highlight=False, markup=False)
         out.print(rec.snippet, highlight=False, markup=False)

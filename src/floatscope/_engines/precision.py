@@ -119,6 +119,10 @@ class Recommendation:
     fp32_param_fraction: float
     evaluations: int
     snippet: str
+    reason: str = ""                    # why this set (or none), in words, with the numbers
+    kept_for_headroom: list[str] = field(default_factory=list)  # kept because they come near the format's max
+    input_floor: float | None = None    # output error from rounding the inputs alone (float64 compute)
+    alternative: dict[str, Any] | None = None  # a mode that meets the tolerance where no set does
 
 
 @dataclass(frozen=True)
@@ -401,6 +405,10 @@ class _Runner:
         """The float64 model with only module ``name`` in low precision."""
         self.evaluations += 1
         module = dict(self.reference.named_modules())[name]
+        # The float64 values themselves, put back afterwards: a round trip through the target dtype
+        # would leave the reference's weights rounded for every later measurement.
+        params = [(p, p.data) for p in module.parameters()]
+        buffers = [(m, k, b) for m in module.modules() for k, b in m._buffers.items() if b is not None]
         if self.mode == "cast":
             module.to(self.dtype)
             policy = _ModulePolicy([module], compute=self.dtype, outer=torch.float64, autocast_dtype=None,
@@ -414,7 +422,10 @@ class _Runner:
                 return self.reference(*self.ref_inputs)
         finally:
             policy.remove()
-            module.to(torch.float64)
+            for p, data in params:
+                p.data = data
+            for m, k, b in buffers:
+                m._buffers[k] = b
 
     def output_error(self, out: Any, ref_out: Any) -> tuple[float, int]:
         low, ref = _flat(out), _flat(ref_out)
@@ -510,7 +521,7 @@ def analyze(
     t = time.perf_counter()
     recommendation = None
     if search:
-        recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates)
+        recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates, modules)
     timings["search"] = time.perf_counter() - t
 
     if sequence_modules and sequence_dim is None:
@@ -674,13 +685,23 @@ def _replace(m: ModuleError, **changes: Any) -> ModuleError:
     return replace(m, **changes)
 
 
+_IMPROVES = 0.95  # a module is kept in float32 only when it cuts the output error by at least 5%
+
+
 def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float, before: float,
-            max_candidates: int) -> Recommendation:
+            max_candidates: int, modules: list[ModuleError]) -> Recommendation:
     lookup = dict(runner.reference.named_modules())
     total = sum(p.numel() for p in runner.reference.parameters()) or 1
     evaluations_start = runner.evaluations
-    kept: list[str] = []
-    error = before
+    fmt = format_of(runner.dtype)
+    dname = str(runner.dtype).removeprefix("torch.")
+    # Modules within a bit of the format's max overflow on a slightly larger input: float32 for them,
+    # whatever this input's error says (leaf modules only, outermost first among what is left).
+    near = sorted((m for m in modules if m.name and m.headroom_bits < 1.0 and _is_leaf(runner, m.name)),
+                  key=lambda m: m.headroom_bits)
+    risky = [m.name for m in near] if runner.dtype != torch.float32 else []
+    kept = list(risky)
+    error = before if not kept else runner.output_error(runner.run_low(kept), ref_out)[0]
     for name in ranking[: max(max_candidates, 1) * 2]:
         if error <= tolerance:
             break
@@ -688,26 +709,100 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
             continue  # an ancestor or descendant is already kept
         trial = kept + [name]
         err, _ = runner.output_error(runner.run_low(trial), ref_out)
-        if err < error:
+        if err < error * _IMPROVES:
             kept, error = trial, err
-    for name in list(kept):  # prune what is not needed
+    met = error <= tolerance
+    for name in [k for k in kept if k not in risky]:  # prune what is not needed, or does not help
         trial = [k for k in kept if k != name]
         err, _ = runner.output_error(runner.run_low(trial), ref_out)
-        if err <= tolerance:
+        if err <= tolerance if met else err * _IMPROVES <= error:
             kept, error = trial, err
-    final, _ = runner.output_error(runner.run_low(kept), ref_out)
+    final, _ = runner.output_error(runner.run_low(kept), ref_out) if kept else (before, 0)
+    headroom = "; ".join(f"{m.name} comes within {m.headroom_bits:.2g} bits of {dname}'s max {fmt.max:.4g} on "
+                         f"this input (its output reaches {fmt.max / 2 ** m.headroom_bits:.4g}), so a slightly larger "
+                         f"input overflows it" for m in near if m.name in risky)
+    floor = alternative = None
+    if final <= tolerance:
+        if kept and set(kept) <= set(risky):
+            reason = (f"the output error is {final:.3g} (all of the model in {dname}: {before:.3g}), within the "
+                      f"tolerance {tolerance:g}; {len(kept)} module(s) stay in float32 for headroom, not accuracy.")
+        elif kept:
+            reason = (f"keeping {len(kept)} module(s) in float32 brings the output error from {before:.3g} to "
+                      f"{final:.3g}, within the tolerance {tolerance:g}.")
+        else:
+            reason = (f"the whole model in {dname} ({runner.mode}) has an output error of {before:.3g}, within "
+                      f"the tolerance {tolerance:g}; no module comes within a bit of {dname}'s max.")
+        if headroom:
+            reason += f" Kept for headroom: {headroom}."
+    else:
+        floor = _input_floor(runner, ref_out)
+        reason = (f"no set of float32 modules meets the tolerance {tolerance:g}: the best found gives "
+                  f"{final:.3g} (from {before:.3g}).")
+        if floor is not None and floor > tolerance * 0.5:
+            u = fmt.eps / 2
+            amplified = max((m for m in modules if m.name and m.amplification is not None
+                             and math.isfinite(m.amplification)),
+                            key=lambda m: m.amplification, default=None)
+            where = (f"; the largest amplification is {amplified.amplification:.3g}x in {amplified.name}"
+                     if amplified is not None else "")
+            reason += (f" The floor is the inputs: rounded to {dname} (unit roundoff {u:.3g}) and computed exactly "
+                       f"in float64 they already give an output error of {floor:.3g}, {floor / u:.3g}x the "
+                       f"roundoff{where}. Float32 modules cannot undo the rounding of their inputs.")
+            if runner.mode == "cast":
+                err = _autocast_error(runner, ref_out)
+                if err is not None:
+                    alternative = {"mode": "autocast", "output_error": err, "meets": err <= tolerance}
+                    reason += (f" Keeping the inputs and parameters in float32 and running {dname} only where "
+                               f"autocast chooses (mode='autocast') gives {err:.3g}"
+                               + (", which meets it." if err <= tolerance else ", which does not either."))
+        elif floor is not None:
+            reason += (f" The input rounding alone gives {floor:.3g}: the error is made inside the model, in more "
+                       f"modules than the {max_candidates * 2} tried; raise max_candidates, or use a wider format.")
+        if headroom:
+            reason += f" Kept for headroom: {headroom}."
+        if not kept or (final > before * _IMPROVES and not risky):
+            kept, final = list(risky), (final if risky else before)
+    snippet = _snippet(kept, runner, final, tolerance)
     params = {id(p): p.numel() for n in kept for p in lookup[n].parameters()}
-    snippet = _snippet(kept, runner)
     return Recommendation(keep_fp32=kept, tolerance=tolerance, output_error_after=final,
                           output_error_before=before, tolerance_met=final <= tolerance,
                           fp32_param_fraction=sum(params.values()) / total,
-                          evaluations=runner.evaluations - evaluations_start, snippet=snippet)
+                          evaluations=runner.evaluations - evaluations_start, snippet=snippet, reason=reason,
+                          kept_for_headroom=[k for k in risky if k in kept], input_floor=floor,
+                          alternative=alternative)
 
 
-def _snippet(kept: list[str], runner: _Runner) -> str:
+def _input_floor(runner: _Runner, ref_out: Any) -> float | None:
+    """Output error of the float64 model on the inputs rounded to the target dtype (None: no float input)."""
+    floats = [t for t in pytree.tree_leaves(runner.inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not floats:
+        return None
+    rounded = _lower_inputs(_lower_inputs(runner.inputs, runner.dtype), torch.float64)
+    with torch.no_grad():
+        out = runner.reference(*rounded)
+    runner.evaluations += 1
+    return runner.output_error(out, ref_out)[0]
+
+
+def _autocast_error(runner: _Runner, ref_out: Any) -> float | None:
+    """Output error of the float32 model under autocast(dtype), float32 inputs: the alternative to cast mode."""
+    model = copy.deepcopy(runner.reference).to(torch.float32)
+    try:
+        with torch.no_grad(), torch.autocast(runner.device_type, dtype=runner.dtype):
+            out = model(*_lower_inputs(runner.inputs, torch.float32))
+    except (RuntimeError, TypeError, ValueError):
+        return None
+    runner.evaluations += 1
+    return runner.output_error(out, ref_out)[0]
+
+
+def _snippet(kept: list[str], runner: _Runner, error: float, tolerance: float) -> str:
     dtype = str(runner.dtype).removeprefix("torch.")
+    if not kept and error <= tolerance:
+        return (f"# nothing needs float32 at tolerance {tolerance:g}: the whole model in {dtype} ({runner.mode}) "
+                f"has output error {error:.3g}")
     if not kept:
-        return f"# nothing needs float32: run the whole model in {dtype} ({runner.mode})"
+        return f"# no float32 set helps (output error {error:.3g} > {tolerance:g}): see the reason above"
     return (
         "import floatscope.precision\n"
         f"policy = floatscope.precision.keep_in_fp32(model, {kept!r})\n"
