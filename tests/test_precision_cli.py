@@ -130,6 +130,13 @@ def test_report_is_self_contained_and_renders_in_a_browser(tmp_path, target):
     assert plots == 3  # error per module, local vs amplification, headroom; no recurrence in this model
     points = render_in_browser(tmp_path / "report.html")
     assert all(n > 0 for n in points), points
+    # The flagged module is marked, the tolerance and the 1-bit headroom threshold are drawn, axes are titled
+    # (plotly's JSON escapes <, > and / as \\u003c, \\u003e and \\u002f).
+    assert '"\\u003cb\\u003eattn\\u003c\\u002fb\\u003e \\u2691"' in page
+    assert "tolerance 0.01" in page and "1 bit: flagged" in page
+    titles = set(re.findall(r'"title":\{"text":"([^"]*)"', page))
+    assert {"relative error (log scale)", "module", "bits to the format's max", "local error (log scale)",
+            "amplification (error out \\u002f error in)"} <= titles, titles
 
 
 def test_bundled_lstm_example_measures_the_accumulation_curve():
