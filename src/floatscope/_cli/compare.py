@@ -13,8 +13,7 @@ __all__ = ["add_parser"]
 
 _MARKS = {"agrees": "[green]ok[/]", "explained": "[yellow]{dtype} rounding[/]", "divergent": "[red]DIVERGES[/]",
           "nonfinite": "[red]NON-FINITE[/]"}
-_WORDS = {"agrees": "agrees", "explained": "explained by {dtype} rounding", "divergent": "diverges",
-          "nonfinite": "non-finite"}
+_WORDS = {"agrees": "agrees", "explained": "explained", "divergent": "diverges", "nonfinite": "non-finite"}
 
 
 def add_parser(sub: Any) -> None:
@@ -65,7 +64,7 @@ def _output_lines(result: Any) -> list[str]:
     if o.top1_flip_rate is None:
         top1 = "no class axis to compare top-1 predictions on"
     else:
-        top1 = (f"top-1 agreement {o.top1_agreement:.1%} ({o.flipped} of {o.samples} predictions flipped"
+        top1 = (f"top-1 agreement {o.top1_agreement:.1%} ({o.flipped} of {o.predictions} predictions flipped"
                 f"{', counting non-finite rows as flipped' if o.nonfinite else ''})")
     nonfinite = f"; {o.nonfinite} non-finite values" if o.nonfinite else ""
     fusion_rel = "" if result.fusion_effect_rel is None else f" (normwise {fmt_num(result.fusion_effect_rel)})"
@@ -134,7 +133,7 @@ def _report(result: Any, path: str) -> None:
     o = result.output
     page.table(["measure", "value"], [
         ["top-1 agreement", "-" if o.top1_agreement is None else f"{o.top1_agreement:.2%}"],
-        ["flipped predictions", "-" if o.flipped is None else f"{o.flipped} of {o.samples}"],
+        ["flipped predictions", "-" if o.flipped is None else f"{o.flipped} of {o.predictions}"],
         ["normwise output error against float64", o.rel_error],
         [f"explained by {result.dtype} rounding up to", o.explained_rel_error],
         ["non-finite output values", o.nonfinite],
@@ -157,6 +156,11 @@ def _report(result: Any, path: str) -> None:
     fig.add_scatter(name=f"explained by {result.dtype} rounding", x=names,
                     y=finite_or_none([m.explained_rel_error for m in result.modules]), mode="lines+markers",
                     line={"dash": "dash", "color": "#495057"}, row=1, col=1)
+    broken = [m.name for m in result.modules if m.verdict == "nonfinite"]
+    if broken:  # no bar can show Inf: mark those modules above the others
+        finite = [v for m in result.modules for v in (m.rel_error, m.explained_rel_error) if 0 < v < float("inf")]
+        fig.add_scatter(name="non-finite output", x=broken, y=[2 * max(finite, default=1.0)] * len(broken),
+                        mode="markers", marker={"symbol": "x", "size": 12, "color": colours["nonfinite"]}, row=1, col=1)
     fig.add_bar(name="max |y − r32|", x=names, y=finite_or_none([m.max_abs or None for m in result.modules]),
                 marker_color="#1c7ed6", row=2, col=1)
     fig.add_hline(y=result.tolerance["atol"], line_dash="dot", annotation_text=f"atol {result.tolerance['atol']:g}",
@@ -170,7 +174,7 @@ def _report(result: Any, path: str) -> None:
                    "non-finite); a missing bar is an exact match or a non-finite value, which the table spells out.")
     page.table(["module", "type", "verdict", "normwise error", "explained up to", "ulp error", "explained ulps",
                 "max abs (fp32)", "max rel (fp32)", "headroom bits", "passed fixed tolerance"],
-               [[m.name, m.type, _WORDS[m.verdict].format(dtype=result.dtype), m.rel_error, m.explained_rel_error,
+               [[m.name, m.type, _WORDS[m.verdict], m.rel_error, m.explained_rel_error,
                  m.ulp_error, m.explained_ulp_error, m.max_abs, m.max_rel, m.headroom_bits, m.passed]
                 for m in result.modules])
     b = result.budget
