@@ -26,14 +26,20 @@ def main(args: argparse.Namespace) -> int:
 
     out = console()
     if args.value is None:
-        table = Table(title="floating-point formats", title_justify="left")
-        for col in ("format", "bits", "exp", "mantissa", "epsilon", "max", "smallest normal", "smallest subnormal",
-                    "decimal digits"):
-            table.add_column(col, justify="right" if col != "format" else "left", no_wrap=True)
-        for f in FORMATS.values():
-            table.add_row(f.name, str(f.bits), str(f.exponent_bits), str(f.mantissa_bits), f"{f.eps:.3g}",
-                          f"{f.max:.4g}", f"{f.smallest_normal:.3g}", f"{f.smallest_subnormal:.3g}",
-                          f"{f.decimal_digits:.2f}")
+        from rich import box
+
+        table = Table(title="floating-point formats (exp, man: exponent and stored mantissa bits)",
+                      title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+        rows = [[f.name, str(f.bits), str(f.exponent_bits), str(f.mantissa_bits), f"{f.eps:.3g}", f"{f.max:.4g}",
+                 f"{f.smallest_normal:.3g}", f"{f.smallest_subnormal:.3g}", f"{f.decimal_digits:.2f}"]
+                for f in FORMATS.values()]
+        heads = ("format", "bits", "exp", "man", "epsilon", "max", "min normal", "min subnormal", "digits")
+        for k, col in enumerate(heads):
+            # Values are never cut or folded (a narrow terminal wraps the headers instead).
+            table.add_column(col, justify="right" if k else "left", no_wrap=False,
+                             min_width=max(len(r[k]) for r in rows))
+        for r in rows:
+            table.add_row(*r)
         out.print(table)
         return 0
     try:
