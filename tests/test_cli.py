@@ -155,6 +155,25 @@ def test_determinism_names_the_module_or_says_there_is_none(tmp_path):
             assert where in proc.stdout
 
 
+def test_determinism_calls_a_dropout_mask_a_random_draw_not_reassociation(tmp_path):
+    write(tmp_path / "drop.py", """
+        import torch
+
+        def make():
+            torch.manual_seed(0)
+            model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Dropout(0.5), torch.nn.ReLU(),
+                                        torch.nn.Linear(256, 4)).train()
+            return model, (torch.randn(32, 64),)
+    """)
+    proc = floatscope("determinism", "drop.py:make", "--json", "d.json", cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    permuted = [s for s in json.loads((tmp_path / "d.json").read_text())["settings"]
+                if s["setting"].startswith("reduction-order")][0]
+    assert permuted["first_op"].startswith("aten.bernoulli") and permuted["max_ulp"] is None
+    assert "RNG stream" in permuted["note"] and "associative" not in permuted["note"]
+    assert "a different random draw" in proc.stdout
+
+
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_kill_9_keeps_what_was_committed(tmp_path):
     write(tmp_path / "killed.py", """

@@ -427,3 +427,66 @@ def test_compare_cli_text_and_json_for_the_overflow(tmp_path, capsys):
     assert origin["absmax_source"] == "onnx-float32" and origin["format_max"] == 65504.0
     assert data["output"]["rel_error"] is None  # inf in strict JSON
     assert cli_main(["compare", f"{target}:make", "--slack", "0.5"]) == 2
+
+
+# --------------------------------------------------------------------------- overflow inside the emulation
+class HandNorm(torch.nn.Module):
+    def forward(self, h):
+        return 8 * h / torch.sqrt((h * h).sum(-1, keepdim=True))  # h * h overflows float16 for |h| > 256
+
+
+class ClampWhenExported(torch.nn.Module):
+    def forward(self, x):
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            return torch.clamp(x, -1, 1)  # the graph takes another branch than eager: a real deployment bug
+        return torch.tanh(x)
+
+
+class NormThenBug(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.head = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64), torch.nn.Linear(64, 10)
+        self.norm, self.act = HandNorm(), ClampWhenExported()
+
+    def forward(self, x):
+        h = self.fc2(torch.relu(self.fc1(x))) * 3000.0
+        return self.head(self.act(self.norm(h)))
+
+
+def test_an_overflow_in_the_emulation_is_a_finding_and_does_not_excuse_a_later_bug():
+    torch.manual_seed(0)
+    model, x = NormThenBug().eval(), torch.randn(32, 64)
+    result = compare.onnxruntime(model, (x,), dtype="float16")
+    emu = result.emulation_overflow
+    assert emu is not None and emu.module == "norm" and emu.op.startswith("aten.mul")
+    with torch.no_grad():
+        h = model.fc2(torch.relu(model.fc1(x.double().float()))).double() * 3000.0
+    assert emu.absmax == pytest.approx(float((h * h).max()), rel=2e-3) and emu.headroom_bits < 0
+    # The emulation's h / sqrt(inf) = 0 must not become a budget of 8: the clamp-for-tanh bug is still named.
+    by = {m.name: m for m in result.modules}
+    assert result.first_divergent == "act" and by["act"].verdict == "divergent"
+    assert by["act"].explained_rel_error == pytest.approx(8 * 2.0 ** -11)
+    assert any(f.startswith("float16 overflow in a correct computation: in module 'norm'") for f in result.findings())
+    assert result.to_dict()["emulation_overflow"]["module"] == "norm"
+
+
+class NaiveLogSumExp(torch.nn.Module):
+    def forward(self, x):
+        return torch.log(torch.exp(x).sum(-1, keepdim=True))
+
+
+class Energy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.energy, self.head = torch.nn.Linear(16, 32), NaiveLogSumExp(), torch.nn.Linear(1, 3)
+
+    def forward(self, x):
+        return self.head(self.energy(self.fc(x) * 4))
+
+
+def test_an_overflow_inside_a_module_that_the_runtime_hides_is_still_reported():
+    torch.manual_seed(0)
+    result = compare.onnxruntime(Energy().eval(), (torch.randn(64, 16) * 3,), dtype="float16")
+    emu = result.emulation_overflow
+    assert emu is not None and (emu.module, emu.op) == ("energy", "aten.exp.default") and emu.absmax > 65504
+    assert "overflow in a correct computation: in module 'energy'" in " ".join(result.findings())

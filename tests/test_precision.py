@@ -311,14 +311,15 @@ def test_when_the_inputs_rounding_is_the_floor_the_policy_says_so_and_measures_a
     result = precision.analyze(model, (x,), dtype="bfloat16", mode="cast", tolerance=0.02)
     rec = result.recommendation
     assert not rec.tolerance_met
-    # Oracle: the float64 model on bfloat16-rounded inputs.
+    # Oracle: the float64 model on bfloat16-rounded inputs and weights (cast mode rounds both).
+    import copy
+
     with torch.no_grad():
-        exact = model.double()(x.double())
-        rounded = model(x.bfloat16().double())
+        exact = copy.deepcopy(model).double()(x.double())
+        rounded = copy.deepcopy(model).bfloat16().double()(x.bfloat16().double())
     floor = relative_error(rounded, exact)
-    model.float()
     assert rec.input_floor == pytest.approx(floor, rel=1e-6) and rec.input_floor > 0.02
-    assert "The floor is the inputs" in rec.reason and "enc" in rec.reason
+    assert "The floor is the inputs and the weights" in rec.reason and "enc" in rec.reason
     # Every kept module earned its place: the set improves the error by at least 5%.
     assert rec.keep_fp32 == [] or rec.output_error_after <= 0.95 * rec.output_error_before
     assert rec.alternative["mode"] == "autocast" and rec.alternative["meets"]
@@ -361,3 +362,37 @@ def test_a_module_near_the_float16_max_is_kept_for_headroom_with_the_reason():
     assert headroom == pytest.approx(math.log2(65504 / 57000), abs=0.01)
     assert f"within {headroom:.2g} bits of float16's max" in rec.reason and "for headroom" in rec.reason
     assert "nothing needs float32" not in rec.snippet
+
+
+def test_the_cast_mode_snippet_runs_and_reproduces_the_error_it_promises():
+    import copy
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.GELU(), torch.nn.Linear(128, 128),
+                                torch.nn.GELU(), torch.nn.Linear(128, 10))
+    inputs = (torch.randn(64, 32),)
+    rec = precision.analyze(model, inputs, dtype="float16", mode="cast", tolerance=3e-4).recommendation
+    assert rec.keep_fp32 and not rec.tolerance_met
+    # The floor counts the weights too: float32 modules in cast mode run on copies of rounded weights.
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(inputs[0].double())
+        floored = copy.deepcopy(model).half().double()(inputs[0].half().double())
+    assert rec.input_floor == pytest.approx(relative_error(floored, exact), rel=1e-6)
+    assert "the inputs and the weights" in rec.reason or "inputs and weights" in rec.reason
+    scope = {"model": copy.deepcopy(model), "inputs": inputs, "torch": torch}
+    exec(rec.snippet, scope)  # what a user pastes
+    assert relative_error(scope["output"].double(), exact) == pytest.approx(rec.output_error_after, rel=1e-9)
+    assert all(p.dtype == torch.float16 for p in scope["model"].parameters())  # remove() restored the dtypes
+
+
+def test_a_module_that_already_overflows_is_said_to_overflow_not_to_come_near():
+    torch.manual_seed(0)
+    model, x = NearMax(), torch.randn(64, 16)
+    with torch.no_grad():
+        peak = model.proj(x).abs().max()
+        model.proj.weight.mul_(1.0e5 / peak)
+        model.proj.bias.mul_(1.0e5 / peak)
+    rec = precision.analyze(model, (x,), dtype="float16", mode="autocast", tolerance=0.01).recommendation
+    assert rec.kept_for_headroom == ["proj"]
+    assert "overflows on this very input" in rec.reason and "within -" not in rec.reason
+    assert "not accuracy" not in rec.reason

@@ -33,9 +33,10 @@ def main(args: argparse.Namespace) -> int:
         listed = "on PyTorch's non-deterministic list" if s.on_nondeterministic_list else "not on the non-deterministic list"
         fixed = "removed by" if s.fixed_by_seed_everything else "not removed by"
         where = f"module '{s.module}'" if s.module else ("the model's root" if s.module == "" else "outside any module")
+        size = (f"by up to {s.max_ulp:.3g} ULPs ({s.max_abs:.3g} absolute)" if s.max_ulp is not None
+                else "a different random draw")
         out.print(f"[red]{s.setting}[/]: first differs at op #{s.first_op_index} {s.first_op} ({s.phase}, {where}), "
-                  f"by up to {s.max_ulp:.3g} ULPs ({s.max_abs:.3g} absolute); {listed}; {fixed} "
-                  f"seed_everything(0, deterministic=True)")
+                  f"{size}; {listed}; {fixed} seed_everything(0, deterministic=True)")
         if s.note:
             out.print(f"  {s.note}")
     if args.json:

@@ -140,13 +140,23 @@ def _vanishing(run: _Run) -> list[Finding]:
         kind="vanishing-gradient", severity="warning", layers=weak, steps=steps,
         evidence={"first_to_last_grad_rms_ratio": _median(ratios), "grad_rms_by_layer": dict(ordered),
                   "factor_per_layer": per_layer},
-        explanation=(f"gradients shrink by about {per_layer:.3g}x per layer from the output back to the input: the "
-                     f"first layer's gradient RMS is {_median(ratios):.2g} of the last layer's, so the early layers "
+        explanation=(f"gradients shrink by about {_factor(per_layer)} per layer from the output back to the input: "
+                     f"the first layer's gradient RMS is {_ratio(_median(ratios))} of the last layer's, so the early "
+                     f"layers "
                      f"({', '.join(weak[:4])}) barely learn. Saturating activations (sigmoid/tanh derivatives are at "
                      f"most 0.25/1) and small weights multiply down the chain rule."),
         suggestions=["use ReLU/GELU/SiLU instead of sigmoid/tanh in hidden layers",
                      "initialise with Kaiming/Xavier (nn.init.kaiming_normal_) for the activation used",
                      "add normalisation (LayerNorm/BatchNorm) or residual connections between layers"])]
+
+
+def _factor(x: float) -> str:
+    """A per-layer factor for text: "0.31x", or "over 1000x smaller" when it rounds to 0."""
+    return f"{x:.3g}x" if x >= 1e-3 else "a factor below 0.001"
+
+
+def _ratio(x: float) -> str:
+    return f"{x:.2g}" if x > 0 else "0 (no gradient reaches it)"
 
 
 def _exploding(run: _Run) -> list[Finding]:
@@ -158,7 +168,17 @@ def _exploding(run: _Run) -> list[Finding]:
     if not head:
         return []
     base = statistics.median(head)
-    bad = [(s, g) for s, g in norms if not math.isfinite(g) or g > 100 * base]
+    # A rise: after the early window, and also far above the steps just before it. A run that converges fast
+    # starts with its largest gradients; they are not an explosion.
+    start = max(3, len(norms) // 10)
+    bad = []
+    for i in range(start, len(norms)):
+        s, g = norms[i]
+        recent = [v for _, v in norms[max(0, i - 20):i] if math.isfinite(v)]
+        if not math.isfinite(g) or (g > 100 * base and (not recent or g > 10 * statistics.median(recent))):
+            bad.append((s, g))
+        elif bad and g > 100 * base:
+            bad.append((s, g))  # still exploded
     if not bad:
         return []
     finite = [g for _, g in norms if g is not None and math.isfinite(g) and g > 0]

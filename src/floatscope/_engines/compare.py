@@ -182,6 +182,18 @@ class ErrorBudget:
 
 
 @dataclass(frozen=True)
+class EmulationOverflow:
+    """The first op of the correctly rounded emulation whose result does not fit the deployment format."""
+
+    module: str                    # the innermost module around the op ("" = the model's own forward)
+    type: str
+    op: str                        # the aten op
+    absmax: float                  # its largest value before rounding
+    headroom_bits: float
+    format_max: float
+
+
+@dataclass(frozen=True)
 class CompareResult:
     """What :func:`compare_onnxruntime` found; ``to_dict()`` gives the ``compare --json`` contract."""
 
@@ -206,6 +218,7 @@ class CompareResult:
     fusion_effect_rel: float | None = None
     exposure_effect_rel: float | None = None
     unexposed_output: OutputAgreement | None = None
+    emulation_overflow: EmulationOverflow | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return to_json_value(asdict(self))
@@ -236,6 +249,16 @@ class CompareResult:
                          f"{self.dtype}: {why}. Everything downstream inherits it; rounding does not explain it. "
                          f"Fix: scale this stage down (or normalize before it), or keep it in float32 "
                          f"(onnxconverter-common's node_block_list/op_block_list).")
+        emu = self.emulation_overflow
+        if emu is not None:
+            where = f"module {emu.module!r} ({emu.type})" if emu.module else f"the model ({emu.type})"
+            lines.append(f"{self.dtype} overflow in a correct computation: in {where}, {emu.op} gives values up to "
+                         f"{emu.absmax:.3g} even when every op is correctly rounded to {self.dtype}, beyond its largest "
+                         f"value {emu.format_max:g} (headroom {emu.headroom_bits:.2f} bits). A {self.dtype} deployment "
+                         f"overflows here wherever it computes in {self.dtype}"
+                         + (" (ONNX Runtime's CPU provider computed this in float32 and hid it)" if origin is None
+                            else "") + f"; modules after it are judged against one {self.dtype} rounding times the "
+                         f"slack. Fix: rescale before this op (normalize, divide first), or keep it in float32.")
         if self.first_divergent is not None:
             m = next((m for m in self.modules if m.name == self.first_divergent), None)
             if m is not None and m.verdict == "divergent":
@@ -445,12 +468,13 @@ class _Capture:
     outputs: dict[str, torch.Tensor] = field(default_factory=dict)
     identity: set[str] = field(default_factory=set)
     result: Any = None
+    overflow: tuple[str, float, int] | None = None  # emulation: (op, value before rounding, modules captured before)
 
 
 def _capture(model: torch.nn.Module, inputs: tuple[Any, ...],
-             forward: Callable[[], Any] | None = None) -> _Capture:
+             forward: Callable[[], Any] | None = None, seen: _Capture | None = None) -> _Capture:
     """Run ``forward`` (default ``model(*inputs)``) and keep each module's first float output (first call)."""
-    seen = _Capture()
+    seen = seen if seen is not None else _Capture()
 
     def hook(key: tuple[str, int], module: torch.nn.Module, args: Any, out: Any) -> None:
         name = key[0]
@@ -476,14 +500,17 @@ _VALUE_PRESERVING = frozenset({torch.ops.aten.clone, torch.ops.aten.detach, torc
 class _RoundEveryOp(TorchDispatchMode):
     """Rounds every floating aten op output wider than ``dtype`` to ``dtype``: each op correctly rounded."""
 
-    def __init__(self, dtype: torch.dtype) -> None:
+    def __init__(self, dtype: torch.dtype, seen: "_Capture | None" = None) -> None:
         super().__init__()
         self.dtype = dtype
+        self.seen = seen
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         if func.is_view or func.overloadpacket in _VALUE_PRESERVING:
             return out  # a view or copy of a rounded tensor is already rounded; keep the aliasing
+        if self.seen is not None and self.seen.overflow is None:
+            self._check_overflow(func, args, kwargs, out)
         if func._schema.is_mutable:
             # In-place ops return the tensor they wrote: round it where it is, so aliases see it.
             for t in pytree.tree_leaves(out):
@@ -491,6 +518,22 @@ class _RoundEveryOp(TorchDispatchMode):
                     t.copy_(round_tensor(t, self.dtype))
             return out
         return pytree.tree_map_only(torch.Tensor, lambda t: round_tensor(t, self.dtype), out)
+
+
+    def _check_overflow(self, func: Any, args: Any, kwargs: Any, out: Any) -> None:
+        """The first op whose correctly rounded result is not finite while its inputs were."""
+        info = torch.finfo(self.dtype)
+        limit = info.max * (1 + info.eps / 4)  # halfway to the next power: beyond it, rounding gives Inf
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not outs:
+            return
+        peak = max(float(t.detach().abs().max()) if t.numel() else 0.0 for t in outs)
+        if not peak > limit:  # above the format's max once rounded (or NaN)
+            return
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if all(bool(torch.isfinite(t).all()) for t in ins):
+            assert self.seen is not None
+            self.seen.overflow = (str(func), peak, len(self.seen.order))
 
 
 def _first_line(exc: BaseException) -> str:
@@ -517,13 +560,15 @@ def _references(model: torch.nn.Module, inputs: tuple[Any, ...], dtype: str,
                    if t.is_floating_point() else t for n, t in state.items()}
         x = _cast_inputs(inputs, lambda t: round_tensor(t.to(compute), target) if rounded else t.to(compute))
 
+        seen = _Capture()
+
         def forward() -> Any:
             if not rounded:
                 return torch.func.functional_call(model, tensors, x)
-            with _RoundEveryOp(target):
+            with _RoundEveryOp(target, seen):
                 return torch.func.functional_call(model, tensors, x)
 
-        return _capture(model, x, forward)
+        return _capture(model, x, forward, seen)
 
     try:
         reference, kind = run(torch.float64, rounded=False), "float64"
@@ -620,10 +665,21 @@ def compare_onnxruntime(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *
     first = None
     slacks: list[float] = []
     types = {n: type(m).__name__ for n, m in model.named_modules()}
+    # After the emulation overflowed, its values say nothing about rounding (h / sqrt(inf) = 0 looks like an error
+    # of 1): those modules are judged against the floors alone, and the overflow is a finding of its own.
+    overflow = emulation.overflow
+    unreliable = set(emulation.order[overflow[2]:]) if overflow is not None else set()
+    emulation_overflow = None
+    if overflow is not None:
+        at = emulation.order[overflow[2]] if overflow[2] < len(emulation.order) else ""
+        emulation_overflow = EmulationOverflow(module=at, type=types.get(at, type(model).__name__) if at else
+                                               type(model).__name__, op=overflow[0], absmax=overflow[1],
+                                               headroom_bits=headroom_bits(overflow[1], fmt.dtype),
+                                               format_max=float(torch.finfo(fmt.dtype).max))
     for name in order:
         ref32 = outputs[name]
         ref64 = reference.outputs.get(name)
-        emu = emulation.outputs.get(name)
+        emu = emulation.outputs.get(name) if name not in unreliable else None
         if ref64 is None or ref64.shape != ref32.shape:
             ref64 = ref32
         if emu is not None and emu.shape != ref64.shape:
@@ -694,6 +750,7 @@ def compare_onnxruntime(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *
         budget=ErrorBudget(reference_kind, emulation_kind, float(slack), unit_roundoff(fmt), 1.0),
         required_slack=max(slacks, default=0.0),
         fusion_effect_rel=fusion_rel, exposure_effect_rel=exposure_rel, unexposed_output=unexposed,
+        emulation_overflow=emulation_overflow,
     )
 
 

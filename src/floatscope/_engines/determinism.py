@@ -82,6 +82,10 @@ class _Recorder(TorchDispatchMode):
         return out
 
 
+_RANDOM_OPS = {"bernoulli", "native_dropout", "dropout", "rand", "randn", "rand_like", "randn_like", "randint",
+               "normal", "uniform", "multinomial", "exponential", "randperm", "random"}
+
+
 def _run(model: torch.nn.Module, inputs: tuple[Any, ...], backward: bool, threads: int | None = None,
          perm: torch.Tensor | None = None) -> list[tuple[str, str | None, str, torch.Tensor]]:
     tracker = ModuleTracker(model)
@@ -190,11 +194,18 @@ def check_determinism(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *,
             b2 = _run(model, inputs, backward, **second_kwargs)
         fixed = _compare(a2, b2, second_kwargs.get("perm"), batch)[1] is None
         note = ""
-        if "reduction-order" in label or "threads" in label:
+        random = base.rstrip("_") in _RANDOM_OPS
+        if random:
+            # A random op's output differs because the RNG stream met it in another order or layout (a
+            # permuted batch draws each row's mask from other numbers): not rounding.
+            note = (f"{base} draws random numbers: its output differs because the RNG stream is consumed in another "
+                    f"order or layout, not because of rounding (a ULP count means nothing for a 0/1 mask); seed "
+                    f"and keep the batch layout to compare, or compare in eval mode")
+        elif "reduction-order" in label or "threads" in label:
             note = ("floating-point addition is not associative: summing in another order (other thread blocking, "
                     "other batch order) rounds differently; this is expected and bounded, not a bug")
-        if label == "repeat":
+        if label == "repeat" and not random:
             note = "the same run, repeated, differs: something in it is non-deterministic"
-        results.append(SettingResult(label, False, n, op, index, module, phase, max_ulp, max_abs,
+        results.append(SettingResult(label, False, n, op, index, module, phase, None if random else max_ulp, max_abs,
                                      ops.is_(base, ops.NONDETERMINISTIC), fixed, note))
     return DeterminismResult(results)

@@ -304,17 +304,23 @@ class _ModulePolicy:
 class Float32Policy:
     """The float32 modules of :func:`keep_in_fp32`, applied until :meth:`remove` (or the ``with`` block ends)."""
 
-    def __init__(self, names: Sequence[str], policy: _ModulePolicy) -> None:
+    def __init__(self, names: Sequence[str], policies: Sequence[_ModulePolicy],
+                 restore: Sequence[tuple[torch.nn.Module, torch.dtype]] = ()) -> None:
         self.names = list(names)
-        self._policy = policy
+        self._policies = list(policies)
+        self._restore = list(restore)
 
     @property
     def active(self) -> bool:
-        return bool(self._policy.handles)
+        return any(p.handles for p in self._policies)
 
     def remove(self) -> None:
         """Take the hooks off: the modules run in the surrounding precision again. Safe to call twice."""
-        self._policy.remove()
+        for policy in self._policies:
+            policy.remove()
+        for module, dtype in self._restore:
+            module.to(dtype)
+        self._restore = []
 
     def __enter__(self) -> "Float32Policy":
         return self
@@ -327,12 +333,15 @@ class Float32Policy:
         return f"Float32Policy({self.names!r}, {state})"
 
 
-def keep_in_fp32(model: torch.nn.Module, names: Sequence[str]) -> Float32Policy:
+def keep_in_fp32(model: torch.nn.Module, names: Sequence[str], *, outputs: torch.dtype | None = None
+                 ) -> Float32Policy:
     """Run the named modules in float32, the rest of the model as it is (e.g. under autocast).
 
     Inside the named modules autocast is disabled and floating inputs are cast to float32; the
-    parameters of those modules must be float32 (they are under autocast training). The policy
-    holds until ``.remove()`` is called on the result, or for a ``with`` block.
+    parameters of those modules must be float32 (they are under autocast training). For a model
+    cast to a low dtype (``model.half()``), pass ``outputs=torch.float16``: the named modules are
+    converted to float32 (back on ``remove``), and every other module casts the float32 values it
+    receives to ``outputs``. The policy holds until ``.remove()`` is called on the result, or for a ``with`` block.
 
     Example:
         >>> policy = keep_in_fp32(model, ["encoder.layers.3.attn"])  # doctest: +SKIP
@@ -348,8 +357,20 @@ def keep_in_fp32(model: torch.nn.Module, names: Sequence[str]) -> Float32Policy:
         raise UsageError(f"no module named {', '.join(repr(n) for n in missing)} in {type(model).__name__}; "
                          f"names are dotted paths as in model.named_modules()")
     device_type = next((p.device.type for p in model.parameters()), "cpu")
-    return Float32Policy(names, _ModulePolicy([lookup[n] for n in names], compute=torch.float32, outer=None,
-                                              autocast_dtype=None, device_type=device_type))
+    modules = [lookup[n] for n in names]
+    restore = []
+    policies = [_ModulePolicy(modules, compute=torch.float32, outer=None, autocast_dtype=None, device_type=device_type)]
+    if outputs is not None:
+        for m in modules:
+            dtype = next((p.dtype for p in m.parameters() if p.is_floating_point()), None)
+            if dtype is not None and dtype != torch.float32:
+                restore.append((m, dtype))
+                m.to(torch.float32)
+        inside = {id(sub) for m in modules for sub in m.modules()}
+        others = [m for m in model.modules() if id(m) not in inside and m is not model]
+        policies.append(_ModulePolicy(others, compute=outputs, outer=None, autocast_dtype=None,
+                                      device_type=device_type, autocast=False))
+    return Float32Policy(names, policies, restore)
 
 
 class _Runner:
@@ -718,12 +739,15 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
         if err <= tolerance if met else err * _IMPROVES <= error:
             kept, error = trial, err
     final, _ = runner.output_error(runner.run_low(kept), ref_out) if kept else (before, 0)
-    headroom = "; ".join(f"{m.name} comes within {m.headroom_bits:.2g} bits of {dname}'s max {fmt.max:.4g} on "
-                         f"this input (its output reaches {fmt.max / 2 ** m.headroom_bits:.4g}), so a slightly larger "
-                         f"input overflows it" for m in near if m.name in risky)
+    headroom = "; ".join(
+        (f"{m.name}'s output reaches {fmt.max / 2 ** m.headroom_bits:.4g}, beyond {dname}'s max {fmt.max:.4g}: it "
+         f"overflows on this very input" if m.headroom_bits < 0 else
+         f"{m.name} comes within {m.headroom_bits:.2g} bits of {dname}'s max {fmt.max:.4g} on this input (its output "
+         f"reaches {fmt.max / 2 ** m.headroom_bits:.4g}), so a slightly larger input overflows it")
+        for m in near if m.name in risky)
     floor = alternative = None
     if final <= tolerance:
-        if kept and set(kept) <= set(risky):
+        if kept and set(kept) <= set(risky) and before <= tolerance:
             reason = (f"the output error is {final:.3g} (all of the model in {dname}: {before:.3g}), within the "
                       f"tolerance {tolerance:g}; {len(kept)} module(s) stay in float32 for headroom, not accuracy.")
         elif kept:
@@ -745,9 +769,12 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
                             key=lambda m: m.amplification, default=None)
             where = (f"; the largest amplification is {amplified.amplification:.3g}x in {amplified.name}"
                      if amplified is not None else "")
-            reason += (f" The floor is the inputs: rounded to {dname} (unit roundoff {u:.3g}) and computed exactly "
+            what = "the inputs and the weights" if runner.mode == "cast" else "the inputs"
+            reason += (f" The floor is {what}: rounded to {dname} (unit roundoff {u:.3g}) and computed exactly "
                        f"in float64 they already give an output error of {floor:.3g}, {floor / u:.3g}x the "
-                       f"roundoff{where}. Float32 modules cannot undo the rounding of their inputs.")
+                       f"roundoff{where}. Float32 modules cannot undo that rounding"
+                       + (" (in cast mode they run on float32 copies of the rounded weights)." if runner.mode == "cast"
+                          else "."))
             if runner.mode == "cast":
                 err = _autocast_error(runner, ref_out)
                 if err is not None:
@@ -756,8 +783,10 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
                                f"autocast chooses (mode='autocast') gives {err:.3g}"
                                + (", which meets it." if err <= tolerance else ", which does not either."))
         elif floor is not None:
-            reason += (f" The input rounding alone gives {floor:.3g}: the error is made inside the model, in more "
-                       f"modules than the {max_candidates * 2} tried; raise max_candidates, or use a wider format.")
+            what = "inputs and weights" if runner.mode == "cast" else "inputs"
+            reason += (f" Rounding the {what} alone gives {floor:.3g}: the rest of the error is made inside the model, "
+                       f"in more modules than the {max_candidates * 2} tried; raise max_candidates, or use a wider "
+                       f"format.")
         if headroom:
             reason += f" Kept for headroom: {headroom}."
         if not kept or (final > before * _IMPROVES and not risky):
@@ -773,13 +802,17 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
 
 
 def _input_floor(runner: _Runner, ref_out: Any) -> float | None:
-    """Output error of the float64 model on the inputs rounded to the target dtype (None: no float input)."""
+    """Output error of the float64 model on what no float32 module can undo: the inputs rounded to the
+    target dtype and, in cast mode, the weights too (kept modules get float32 copies of rounded weights)."""
     floats = [t for t in pytree.tree_leaves(runner.inputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not floats:
+    if not floats and runner.mode != "cast":
         return None
+    model = runner.reference
+    if runner.mode == "cast":
+        model = copy.deepcopy(runner.reference).to(runner.dtype).to(torch.float64)
     rounded = _lower_inputs(_lower_inputs(runner.inputs, runner.dtype), torch.float64)
     with torch.no_grad():
-        out = runner.reference(*rounded)
+        out = model(*rounded)
     runner.evaluations += 1
     return runner.output_error(out, ref_out)[0]
 
@@ -803,6 +836,14 @@ def _snippet(kept: list[str], runner: _Runner, error: float, tolerance: float) -
                 f"has output error {error:.3g}")
     if not kept:
         return f"# no float32 set helps (output error {error:.3g} > {tolerance:g}): see the reason above"
+    if runner.mode == "cast":
+        return (
+            "import floatscope.precision\n"
+            f"model = model.to(torch.{dtype})\n"
+            f"policy = floatscope.precision.keep_in_fp32(model, {kept!r}, outputs=torch.{dtype})\n"
+            f"output = model(*[x.to(torch.{dtype}) if x.is_floating_point() else x for x in inputs])\n"
+            "policy.remove()  # when done"
+        )
     return (
         "import floatscope.precision\n"
         f"policy = floatscope.precision.keep_in_fp32(model, {kept!r})\n"
