@@ -396,3 +396,25 @@ def test_a_module_that_already_overflows_is_said_to_overflow_not_to_come_near():
     assert rec.kept_for_headroom == ["proj"]
     assert "overflows on this very input" in rec.reason and "within -" not in rec.reason
     assert "not accuracy" not in rec.reason
+
+
+class PeakedSoftmax(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.sm = torch.nn.Linear(16, 8), NaiveSoftmax()
+
+    def forward(self, x):
+        z = self.fc(x)
+        return self.sm(z / z.amax() * 10.5)  # exp(10.5) = 36316: 0.85 bits below float16's max
+
+
+def test_an_op_near_the_max_inside_a_module_flags_it_and_keeps_it_for_headroom():
+    torch.manual_seed(0)
+    result = precision.analyze(PeakedSoftmax(), (torch.randn(4, 16),), dtype="float16", mode="cast")
+    assert result.module("sm").headroom_bits > 1  # its output (probabilities) is far from the max...
+    worst = min((o for o in result.ops if o.module == "sm"), key=lambda o: o.headroom_bits)
+    assert worst.headroom_bits < 1  # ...but an op inside it is not
+    rec = result.recommendation
+    assert "sm" in result.flagged and rec.kept_for_headroom == ["sm"]
+    assert f"sm's {worst.op} comes within {worst.headroom_bits:.2g} bits" in rec.reason
+    assert "nothing needs float32" not in rec.snippet

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
 from floatscope._cli.render import console, fmt_num, write_json
@@ -72,9 +73,14 @@ def _output_lines(result: Any) -> list[str]:
     output = (f"output: {top1}; normwise error {fmt_num(o.rel_error)} against PyTorch float64, {result.dtype} "
               f"rounding explains up to {fmt_num(o.explained_rel_error)}; max abs {fmt_num(o.max_abs)} and max logit "
               f"change {fmt_num(o.max_logit_change)} against PyTorch fp32{nonfinite}")
-    tolerance = (f"fixed tolerance atol={tol['atol']:g} rtol={tol['rtol']:g} ('passed'): would have passed with "
-                 f"atol={fmt_num(req['atol'])} (rtol 0) or rtol={fmt_num(req['rtol'])} (atol 0); every module would "
-                 f"have been explained with slack {fmt_num(result.required_slack)} (used {result.budget.slack:g})")
+    failing = sum(1 for m in result.modules if not m.passed)
+    verdict = "every module passes it" if not failing else f"{failing} of {len(result.modules)} module(s) fail it"
+    slack = (f"every module would have been explained with slack {fmt_num(result.required_slack)} "
+             f"(used {result.budget.slack:g})" if result.required_slack is not None and
+             math.isfinite(result.required_slack) else "non-finite values cannot be explained by any slack")
+    tolerance = (f"fixed tolerance atol={tol['atol']:g} rtol={tol['rtol']:g} (the 'passed' column): {verdict}; it "
+                 f"would pass with atol={fmt_num(req['atol'])} (rtol 0) or rtol={fmt_num(req['rtol'])} (atol 0); "
+                 f"{slack}")
     other = "all" if result.opt_level != "all" else "none"
     effects = (f"fusion effect: graph optimizations ({result.opt_level} against {other}) change the output by "
                f"{fmt_num(result.fusion_effect)} max abs{fusion_rel}; exposure effect: exposing intermediate outputs "

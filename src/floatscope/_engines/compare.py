@@ -214,7 +214,7 @@ class CompareResult:
     seconds: dict[str, float] = field(default_factory=dict)
     first_nonfinite: NonfiniteOrigin | None = None
     budget: ErrorBudget | None = None
-    required_slack: float = 0.0
+    required_slack: float | None = 0.0  # None: a non-finite error, which no slack explains
     fusion_effect_rel: float | None = None
     exposure_effect_rel: float | None = None
     unexposed_output: OutputAgreement | None = None
@@ -748,7 +748,7 @@ def compare_onnxruntime(model: torch.nn.Module, inputs: tuple[Any, ...] | Any, *
         output=output,
         fusion_effect=fusion, exposure_effect=exposure, seconds=timings, first_nonfinite=origin,
         budget=ErrorBudget(reference_kind, emulation_kind, float(slack), unit_roundoff(fmt), 1.0),
-        required_slack=max(slacks, default=0.0),
+        required_slack=None if not all(math.isfinite(v) for v in slacks) else max(slacks, default=0.0),
         fusion_effect_rel=fusion_rel, exposure_effect_rel=exposure_rel, unexposed_output=unexposed,
         emulation_overflow=emulation_overflow,
     )

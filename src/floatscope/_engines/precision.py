@@ -542,7 +542,8 @@ def analyze(
     t = time.perf_counter()
     recommendation = None
     if search:
-        recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates, modules)
+        recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates, modules,
+                                 _op_headroom(ops))
     timings["search"] = time.perf_counter() - t
 
     if sequence_modules and sequence_dim is None:
@@ -555,8 +556,10 @@ def analyze(
     accumulations = _accumulations(runner, ref_calls, low_calls, ref_out, low_out, sequence_dim, sequence_modules)
     timings["total"] = time.perf_counter() - start
     order = {name: i for i, name in enumerate(ranking)}
+    op_headroom = _op_headroom(ops)
     flagged = sorted((m.name for m in modules if m.name and (
-        (not math.isnan(m.local_error) and m.local_error > tolerance) or m.headroom_bits < 1.0)),
+        (not math.isnan(m.local_error) and m.local_error > tolerance) or m.headroom_bits < 1.0
+        or op_headroom.get(m.name, (math.inf, ""))[0] < 1.0)),
         key=lambda n: order.get(n, len(order)))
     return PrecisionResult(
         dtype=str(dtype).removeprefix("torch."), mode=mode, output_error=output_error,
@@ -671,6 +674,15 @@ def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[Op
     return results
 
 
+def _op_headroom(ops: list[OpError]) -> dict[str, tuple[float, str]]:
+    """The smallest headroom of any op inside each module (its own ops), with the op."""
+    out: dict[str, tuple[float, str]] = {}
+    for op in ops:
+        if op.module and op.headroom_bits < out.get(op.module, (math.inf, ""))[0]:
+            out[op.module] = (op.headroom_bits, op.op)
+    return out
+
+
 def _is_leaf(runner: _Runner, name: str) -> bool:
     module = dict(runner.reference.named_modules()).get(name)
     return module is not None and not any(True for _ in module.children())
@@ -710,7 +722,8 @@ _IMPROVES = 0.95  # a module is kept in float32 only when it cuts the output err
 
 
 def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float, before: float,
-            max_candidates: int, modules: list[ModuleError]) -> Recommendation:
+            max_candidates: int, modules: list[ModuleError],
+            op_headroom: dict[str, tuple[float, str]]) -> Recommendation:
     lookup = dict(runner.reference.named_modules())
     total = sum(p.numel() for p in runner.reference.parameters()) or 1
     evaluations_start = runner.evaluations
@@ -718,9 +731,19 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
     dname = str(runner.dtype).removeprefix("torch.")
     # Modules within a bit of the format's max overflow on a slightly larger input: float32 for them,
     # whatever this input's error says (leaf modules only, outermost first among what is left).
-    near = sorted((m for m in modules if m.name and m.headroom_bits < 1.0 and _is_leaf(runner, m.name)),
-                  key=lambda m: m.headroom_bits)
-    risky = [m.name for m in near] if runner.dtype != torch.float32 else []
+    # A module's own output, or an op inside it (the exp of a hand-written softmax), may come near the max.
+    near = []
+    for m in modules:
+        if not m.name or not _is_leaf(runner, m.name):
+            continue
+        bits, what = m.headroom_bits, f"{m.name}'s output"
+        op_bits, op = op_headroom.get(m.name, (math.inf, ""))
+        if op_bits < bits:
+            bits, what = op_bits, f"{m.name}'s {op}"
+        if bits < 1.0:
+            near.append((m.name, bits, what))
+    near.sort(key=lambda n: n[1])
+    risky = [name for name, _, _ in near] if runner.dtype != torch.float32 else []
     kept = list(risky)
     error = before if not kept else runner.output_error(runner.run_low(kept), ref_out)[0]
     for name in ranking[: max(max_candidates, 1) * 2]:
@@ -740,11 +763,11 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
             kept, error = trial, err
     final, _ = runner.output_error(runner.run_low(kept), ref_out) if kept else (before, 0)
     headroom = "; ".join(
-        (f"{m.name}'s output reaches {fmt.max / 2 ** m.headroom_bits:.4g}, beyond {dname}'s max {fmt.max:.4g}: it "
-         f"overflows on this very input" if m.headroom_bits < 0 else
-         f"{m.name} comes within {m.headroom_bits:.2g} bits of {dname}'s max {fmt.max:.4g} on this input (its output "
-         f"reaches {fmt.max / 2 ** m.headroom_bits:.4g}), so a slightly larger input overflows it")
-        for m in near if m.name in risky)
+        (f"{what} reaches {fmt.max / 2 ** bits:.4g}, beyond {dname}'s max {fmt.max:.4g}: it overflows on this very "
+         f"input" if bits < 0 else
+         f"{what} comes within {bits:.2g} bits of {dname}'s max {fmt.max:.4g} on this input (it reaches "
+         f"{fmt.max / 2 ** bits:.4g}), so a slightly larger input overflows it")
+        for name, bits, what in near if name in risky)
     floor = alternative = None
     if final <= tolerance:
         if kept and set(kept) <= set(risky) and before <= tolerance:
@@ -755,7 +778,7 @@ def _search(runner: _Runner, ranking: list[str], ref_out: Any, tolerance: float,
                       f"{final:.3g}, within the tolerance {tolerance:g}.")
         else:
             reason = (f"the whole model in {dname} ({runner.mode}) has an output error of {before:.3g}, within "
-                      f"the tolerance {tolerance:g}; no module comes within a bit of {dname}'s max.")
+                      f"the tolerance {tolerance:g}; no module or op comes within a bit of {dname}'s max.")
         if headroom:
             reason += f" Kept for headroom: {headroom}."
     else:
