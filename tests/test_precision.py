@@ -347,13 +347,19 @@ class NearMax(torch.nn.Module):
         return self.head(self.norm(self.proj(x)))
 
 
-def test_a_module_near_the_float16_max_is_kept_for_headroom_with_the_reason():
+def near_max(peak: float) -> tuple[NearMax, torch.Tensor]:
+    """NearMax whose projection's largest output is ``peak`` on the returned input."""
     torch.manual_seed(0)
     model, x = NearMax(), torch.randn(64, 16)
     with torch.no_grad():
-        peak = model.proj(x).abs().max()
-        model.proj.weight.mul_(57000 / peak)
-        model.proj.bias.mul_(57000 / peak)
+        scale = peak / model.proj(x).abs().max()
+        model.proj.weight.mul_(scale)
+        model.proj.bias.mul_(scale)
+    return model, x
+
+
+def test_a_module_near_the_float16_max_is_kept_for_headroom_with_the_reason():
+    model, x = near_max(57000.0)
     result = precision.analyze(model, (x,), dtype="float16", mode="cast", tolerance=0.01)
     rec = result.recommendation
     assert result.flagged == ["proj"] and result.output_error < 0.01
@@ -386,12 +392,7 @@ def test_the_cast_mode_snippet_runs_and_reproduces_the_error_it_promises():
 
 
 def test_a_module_that_already_overflows_is_said_to_overflow_not_to_come_near():
-    torch.manual_seed(0)
-    model, x = NearMax(), torch.randn(64, 16)
-    with torch.no_grad():
-        peak = model.proj(x).abs().max()
-        model.proj.weight.mul_(1.0e5 / peak)
-        model.proj.bias.mul_(1.0e5 / peak)
+    model, x = near_max(1.0e5)
     rec = precision.analyze(model, (x,), dtype="float16", mode="autocast", tolerance=0.01).recommendation
     assert rec.kept_for_headroom == ["proj"]
     assert "overflows on this very input" in rec.reason and "within -" not in rec.reason
