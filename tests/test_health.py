@@ -393,3 +393,23 @@ def test_run_and_diff_reports_render_in_a_browser(diff_runs_store, tmp_path):
     assert "first divergence" in page
     counts = render_in_browser(tmp_path / "diff.html")
     assert len(counts) == 2 and all(n > 0 for n in counts)
+
+
+@pytest.mark.parametrize("act, words", [(torch.nn.Tanh, ("(tanh)", "round to -1 or 1")),
+                                        (torch.nn.Sigmoid, ("(sigmoid)", "round to 0 or 1"))])
+def test_saturation_is_explained_for_the_activation_in_the_model(tmp_path, act, words):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 32), act(), torch.nn.Linear(32, 1))
+    with torch.no_grad():
+        model[0].weight.mul_(40.0)  # pre-activations far beyond +-5
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=5) as w:
+        for _ in range(30):
+            loss = F.mse_loss(model(torch.randn(32, 8)), torch.randn(32, 1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    [found] = [f for f in _findings(tmp_path / "s.sqlite", w.run_id) if f.kind == "saturation"]
+    assert found.layers == ["1"] and found.evidence["median_fraction_beyond_5"] > 0.5
+    assert all(word in found.explanation for word in words)
+    assert ("BCEWithLogitsLoss" in " ".join(found.suggestions)) == (act is torch.nn.Sigmoid)

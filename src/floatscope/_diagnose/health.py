@@ -240,18 +240,24 @@ def _activation_series(run: _Run, key: str, types: tuple[str, ...] | None = None
 
 def _saturation(run: _Run) -> list[Finding]:
     out = []
+    run_types = {path: kind for path, kind in (run.config.model.structure if run.config.model else [])}
     for name, values in _activation_series(run, "saturation", ("Sigmoid", "Tanh")).items():
         med = _median([v for _, v in values])
         if med > 0.5:
+            tanh = run_types.get(name) == "Tanh"
+            # tanh'(5) = 1.8e-4 and its values round to +-1; sigmoid'(5) = 6.6e-3 and its values to 0 or 1.
+            fn, slope, ends = ("tanh", "1.8e-4", "-1 or 1") if tanh else ("sigmoid", "0.0067", "0 or 1")
+            suggestions = ["normalise the pre-activations (LayerNorm/BatchNorm before the nonlinearity)",
+                           "lower the initial weight scale or the learning rate"]
+            if not tanh:
+                suggestions.append("for a classifier output, feed logits to BCEWithLogitsLoss instead of sigmoid + BCE")
             out.append(Finding(
                 kind="saturation", severity="warning", layers=[name], steps=[s for s, v in values if v > 0.5],
                 evidence={"median_fraction_beyond_5": med, "samples": len(values)},
-                explanation=(f"{med:.0%} of the inputs to {name} lie beyond +-5, where sigmoid/tanh are flat: their "
-                             f"derivative is below 0.007, so gradients through this layer vanish and rounding to 0 or "
-                             f"1 follows."),
-                suggestions=["normalise the pre-activations (LayerNorm/BatchNorm before the nonlinearity)",
-                             "lower the initial weight scale or the learning rate",
-                             "for a classifier output, feed logits to BCEWithLogitsLoss instead of sigmoid + BCE"]))
+                explanation=(f"{med:.0%} of the inputs to {name} ({fn}) lie beyond +-5, where {fn} is flat: its "
+                             f"derivative is below {slope}, so gradients through this layer vanish, and its outputs "
+                             f"round to {ends}."),
+                suggestions=suggestions))
     return out
 
 
