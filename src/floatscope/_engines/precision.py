@@ -543,7 +543,7 @@ def analyze(
     recommendation = None
     if search:
         recommendation = _search(runner, ranking, ref_out, tolerance, output_error, max_candidates, modules,
-                                 _op_headroom(ops))
+                                 _op_headroom(ops, fmt))
     timings["search"] = time.perf_counter() - t
 
     if sequence_modules and sequence_dim is None:
@@ -556,7 +556,7 @@ def analyze(
     accumulations = _accumulations(runner, ref_calls, low_calls, ref_out, low_out, sequence_dim, sequence_modules)
     timings["total"] = time.perf_counter() - start
     order = {name: i for i, name in enumerate(ranking)}
-    op_headroom = _op_headroom(ops)
+    op_headroom = _op_headroom(ops, fmt)
     flagged = sorted((m.name for m in modules if m.name and (
         (not math.isnan(m.local_error) and m.local_error > tolerance) or m.headroom_bits < 1.0
         or op_headroom.get(m.name, (math.inf, ""))[0] < 1.0)),
@@ -674,11 +674,16 @@ def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[Op
     return results
 
 
-def _op_headroom(ops: list[OpError]) -> dict[str, tuple[float, str]]:
-    """The smallest headroom of any op inside each module (its own ops), with the op."""
+def _op_headroom(ops: list[OpError], fmt: Any) -> dict[str, tuple[float, str]]:
+    """The smallest headroom of any op inside each module (its own ops), with the op.
+
+    Values beyond float32's range in the float64 reference are sentinels, not computations: a mask
+    made with ``torch.finfo(dtype).min`` is float64's minimum there (and the target's in the model).
+    """
+    beyond_float32 = math.log2(fmt.max / torch.finfo(torch.float32).max)
     out: dict[str, tuple[float, str]] = {}
     for op in ops:
-        if op.module and op.headroom_bits < out.get(op.module, (math.inf, ""))[0]:
+        if op.module and beyond_float32 < op.headroom_bits < out.get(op.module, (math.inf, ""))[0]:
             out[op.module] = (op.headroom_bits, op.op)
     return out
 
