@@ -11,7 +11,7 @@ import torch
 import floatscope.precision as precision
 from floatscope import FORMATS, UsageError
 from floatscope._numerics.errors import (bits_correct, max_ulp_error, relative_error, round_to_format,
-                                         subnormal_fraction, ulp)
+                                         subnormal_fraction, summarize, ulp)
 
 
 # ----------------------------------------------------------------------------------- metric oracles
@@ -39,6 +39,36 @@ def test_error_metrics_against_float64_oracles(dtype):
     assert max_ulp_error(low, ref, fmt) <= 0.5 + 1e-12  # round to nearest: at most half an ulp
     assert bits_correct(relative_error(low, ref), fmt) == pytest.approx(-math.log2(exact))
     assert bits_correct(0.0, fmt) == fmt.mantissa_bits + 1 and bits_correct(math.inf, fmt) == 0.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_summarize_against_elementwise_oracles(dtype):
+    """The one-pass summary agrees with per-element ULPs (nextafter), fsum norms and counts."""
+    fmt = FORMATS[str(dtype).removeprefix("torch.")]
+    g = torch.Generator().manual_seed(2)
+    ref = torch.randn(300, generator=g, dtype=torch.float64) * 10.0 ** torch.randint(-6, 5, (300,), generator=g)
+    ref[:5] = 0.0
+    ref[5:8] = fmt.smallest_normal * torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)  # subnormal in fmt
+    ref[8] = 5e-324  # float64 subnormal
+    low = (ref * (1 + 3e-3 * torch.randn(300, generator=g, dtype=torch.float64))).to(dtype)
+    s = summarize(low, ref, fmt)
+    ulps = []
+    for r in ref.tolist():
+        a = torch.tensor(abs(r), dtype=dtype)
+        # The spacing of fmt at |r| (at the smallest subnormal for 0): nextafter from |r| rounded down in fmt.
+        below = a if float(a) <= abs(r) else torch.nextafter(a, torch.tensor(0.0, dtype=dtype))
+        ulps.append(float(torch.nextafter(below, torch.tensor(math.inf, dtype=dtype))) - float(below))
+    exact_ulp = max(abs(float(y) - r) / u for y, r, u in zip(low.double(), ref.tolist(), ulps, strict=True))
+    exact_rel = math.sqrt(math.fsum((float(y) - r) ** 2 for y, r in zip(low.double(), ref.tolist(), strict=True))) / \
+        math.sqrt(math.fsum(r * r for r in ref.tolist()))
+    assert s.max_ulp == pytest.approx(exact_ulp, rel=1e-12)
+    assert s.relative_error == pytest.approx(exact_rel, rel=1e-12)
+    assert s.absmax == float(ref.abs().max()) and s.nonfinite == 0
+    assert s.subnormal_fraction == pytest.approx(
+        sum(0 < abs(r) < fmt.smallest_normal for r in ref.tolist()) / 300)
+    bad = low.clone()
+    bad[10], bad[11] = math.nan, -math.inf
+    assert summarize(bad, ref, fmt)[:3] == (math.inf, math.inf, 2)
 
 
 def test_relative_error_zero_and_nonfinite_handling():

@@ -48,7 +48,7 @@ from floatscope._events import op_base
 from floatscope._instrument import ops
 from floatscope._instrument.modules import ModuleTracker
 from floatscope._instrument.tracer import storage_key as _key
-from floatscope._numerics.errors import bits_correct, compare, relative_error, subnormal_fraction
+from floatscope._numerics.errors import ErrorSummary, bits_correct, relative_error, summarize
 from floatscope._numerics.formats import format_of
 from floatscope._results import to_json_value
 
@@ -199,9 +199,15 @@ class _OpRecorder(TorchDispatchMode):
     """Records each compute op's float output under its alignment key; optionally its local error."""
 
     def __init__(self, calls: _Calls, *, local_dtype: torch.dtype | None = None, mode: Mode = "cast",
-                 device_type: str = "cpu") -> None:
+                 device_type: str = "cpu", weights: torch.nn.Module | None = None) -> None:
         super().__init__()
         self.calls = calls
+        # The model's parameters and buffers do not change during a forward: each is lowered once
+        # for the local errors, not once per op that reads it (views included).
+        self.weight_storages = ({t.untyped_storage().data_ptr() for t in (*weights.parameters(), *weights.buffers())}
+                                if weights is not None else set())
+        self.lowered: dict[tuple[Any, ...], torch.Tensor] = {}
+        self.reads: dict[tuple[str, int, str, int], set[int]] = {}  # the storages each op's float inputs live in
         self.local_dtype = local_dtype
         self.mode = mode
         self.device_type = device_type
@@ -237,22 +243,47 @@ class _OpRecorder(TorchDispatchMode):
         self.outputs[key] = leaves[0].detach()
         if self.local_dtype is not None and not func._schema.is_mutable:
             self.local[key] = self._local_error(func, args, kwargs, leaves[0])
+            self.reads[key] = {t.untyped_storage().data_ptr() for t in _float_leaves((args, kwargs))}
         return out
 
     def _local_error(self, func: Any, args: Any, kwargs: Any, ref: torch.Tensor) -> float:
         target = self.local_dtype if self.mode == "cast" else torch.float32
 
         def lower(x: Any) -> Any:
-            return x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+            if not (isinstance(x, torch.Tensor) and x.is_floating_point()):
+                return x
+            if x.untyped_storage().data_ptr() not in self.weight_storages:
+                return x.to(target)
+            key = (x.untyped_storage().data_ptr(), x.storage_offset(), tuple(x.shape), x.stride(), x.dtype)
+            if key not in self.lowered:
+                self.lowered[key] = x.to(target)
+            return self.lowered[key]
 
         try:
             with (torch.autocast(self.device_type, dtype=self.local_dtype) if self.mode == "autocast"
                   else contextlib.nullcontext()):
                 low = func(*pytree.tree_map(lower, args), **pytree.tree_map(lower, kwargs))
             low_leaves = _float_leaves(low)
-            return relative_error(low_leaves[0], ref) if low_leaves and low_leaves[0].shape == ref.shape else math.nan
+            if not low_leaves or low_leaves[0].shape != ref.shape:
+                return math.nan
+            if self.local_dtype == torch.float32:
+                return relative_error(low_leaves[0], ref)
+            return _relative_error_float32(low_leaves[0], ref)
         except (RuntimeError, TypeError, NotImplementedError):  # op not implemented for this dtype/device
             return math.nan
+
+
+def _relative_error_float32(low: torch.Tensor, ref: torch.Tensor) -> float:
+    """:func:`relative_error` of a float16/bfloat16 result, computed in float32 (half the memory
+    traffic of float64). Rounding the reference to float32 moves it by at most 2**-24 relative, which
+    moves an error of at least 2**-14 by under 2**-10 (0.1%) of itself. Falls back to float64 when
+    the float32 sums are not finite or the error is smaller than that."""
+    r32 = ref.to(torch.float32)
+    diff = float(torch.linalg.vector_norm(low.to(torch.float32) - r32))
+    norm = float(torch.linalg.vector_norm(r32))
+    if not (math.isfinite(diff) and math.isfinite(norm)) or norm == 0 or diff < 2.0 ** -14 * norm:
+        return relative_error(low, ref)
+    return diff / norm
 
 
 # ============================================================================ low-precision execution
@@ -456,7 +487,26 @@ class _Runner:
 
 def _flat(tree: Any) -> torch.Tensor:
     leaves = [t.detach().to(torch.float64).reshape(-1) for t in _float_leaves(tree)]
+    if len(leaves) == 1:
+        return leaves[0]
     return torch.cat(leaves) if leaves else torch.zeros(0, dtype=torch.float64)
+
+
+class _Summaries:
+    """:func:`summarize` once per pair of tensors: a Linear's output is its addmm's output, a
+    container's is often its last child's, and an eval Dropout's is its input."""
+
+    def __init__(self, fmt: Any) -> None:
+        self.fmt = fmt
+        self.seen: dict[tuple[Any, ...], ErrorSummary] = {}
+
+    def __call__(self, low: list[torch.Tensor], ref: list[torch.Tensor]) -> ErrorSummary | None:
+        if len(low) != len(ref) or not ref or any(a.shape != b.shape for a, b in zip(low, ref, strict=True)):
+            return None
+        identity = tuple((t.data_ptr(), t.dtype, tuple(t.shape), t.stride()) for t in (*low, *ref))
+        if identity not in self.seen:
+            self.seen[identity] = summarize(_flat(low), _flat(ref), self.fmt)
+        return self.seen[identity]
 
 
 # ============================================================================ the analysis
@@ -511,7 +561,8 @@ def analyze(
     runner = _Runner(model, inputs, dtype, mode)
 
     ref_calls = _Calls(runner.reference, keep_inputs=True)
-    ref_ops = _OpRecorder(ref_calls, local_dtype=dtype, mode=mode, device_type=runner.device_type)
+    ref_ops = _OpRecorder(ref_calls, local_dtype=dtype, mode=mode, device_type=runner.device_type,
+                          weights=runner.reference)
     with ref_calls.recording(), ref_ops, torch.no_grad():
         ref_out = runner.reference(*runner.ref_inputs)
     timings["reference"] = time.perf_counter() - start
@@ -525,12 +576,13 @@ def analyze(
     timings["low_precision"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    local = _module_local_errors(runner, ref_calls)
+    local = _module_local_errors(runner, ref_calls, low_calls, ref_ops)
     timings["local"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    modules = _module_metrics(runner, ref_calls, low_calls, local, fmt)
-    ops = _op_metrics(ref_ops, low_ops, fmt)
+    summaries = _Summaries(fmt)
+    ops = _op_metrics(ref_ops, low_ops, fmt, summaries)
+    modules = _module_metrics(runner, ref_calls, low_calls, local, fmt, summaries)
     timings["metrics"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -581,10 +633,21 @@ def _parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
     return dtype
 
 
-def _module_local_errors(runner: _Runner, ref_calls: _Calls) -> dict[tuple[str, int], float]:
-    """Each module call re-run in low precision on its reference inputs rounded to the target."""
+def _module_local_errors(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
+                         ref_ops: _OpRecorder) -> dict[tuple[str, int], float]:
+    """Each module call re-run in low precision on its reference inputs rounded to the target.
+
+    Two kinds of call are not re-run, because their local error is already measured:
+    * a call whose inputs in the low-precision run were exactly its reference inputs rounded (the
+      root, the first layer) computed that very thing: its output error there is its local error;
+    * a leaf module (Linear, LayerNorm, GELU) that is one op on its inputs and weights, making its
+      output: the op's local error is the module's.
+    """
     lookup = dict(runner.low.named_modules())
     target = runner.dtype if runner.mode == "cast" else torch.float32
+    ops_of: dict[tuple[str, int], list[tuple[str, int, str, int]]] = {}
+    for op_key in ref_ops.outputs:
+        ops_of.setdefault(op_key[:2], []).append(op_key)
     errors: dict[tuple[str, int], float] = {}
     for key, (args, kwargs) in ref_calls.inputs.items():
         path, _ = key
@@ -592,63 +655,81 @@ def _module_local_errors(runner: _Runner, ref_calls: _Calls) -> dict[tuple[str, 
         ref_out = ref_calls.outputs.get(key)
         if module is None or not ref_out:
             continue
+        single = _single_op_local(key, module, ref_calls, ref_ops, ops_of.get(key, []))
+        if single is not None:
+            errors[key] = single
+            continue
         low_args = pytree.tree_map(
             lambda x: x.to(target) if isinstance(x, torch.Tensor) and x.is_floating_point() else x, (args, kwargs))
-        try:
-            with torch.no_grad(), runner.low_context():
-                out = module(*low_args[0], **low_args[1])
-        except (RuntimeError, TypeError, ValueError):
-            continue
-        leaves = _float_leaves(out)
+        seen_in, seen_out = low_calls.input_leaves.get(key), low_calls.outputs.get(key)
+        rounded_in = _float_leaves(low_args)
+        if (seen_in is not None and seen_out is not None and len(seen_in) == len(rounded_in)
+                and all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+                        for a, b in zip(seen_in, rounded_in, strict=True))):
+            leaves = seen_out
+        else:
+            try:
+                with torch.no_grad(), runner.low_context():
+                    out = module(*low_args[0], **low_args[1])
+            except (RuntimeError, TypeError, ValueError):
+                continue
+            leaves = _float_leaves(out)
         if len(leaves) == len(ref_out) and all(a.shape == b.shape for a, b in zip(leaves, ref_out, strict=False)):
             errors[key] = relative_error(_flat(leaves), _flat(ref_out))
     return errors
 
 
+def _single_op_local(key: tuple[str, int], module: torch.nn.Module, ref_calls: _Calls, ref_ops: _OpRecorder,
+                     op_keys: list[tuple[str, int, str, int]]) -> float | None:
+    """The local error of a leaf module call that is a single op, or None."""
+    if len(op_keys) != 1 or any(True for _ in module.children()):
+        return None
+    (op_key,), outputs = op_keys, ref_calls.outputs[key]
+    error, made = ref_ops.local.get(op_key), ref_ops.outputs[op_key]
+    if error is None or math.isnan(error) or len(outputs) != 1 or outputs[0].numel() != made.numel():
+        return None
+    if outputs[0].untyped_storage().data_ptr() != made.untyped_storage().data_ptr():
+        return None
+    allowed = ref_ops.weight_storages | {t.untyped_storage().data_ptr() for t in ref_calls.input_leaves.get(key, [])}
+    return error if ref_ops.reads.get(op_key, {-1}) <= allowed else None
+
+
 def _module_metrics(runner: _Runner, ref_calls: _Calls, low_calls: _Calls,
-                    local: dict[tuple[str, int], float], fmt: Any) -> list[ModuleError]:
+                    local: dict[tuple[str, int], float], fmt: Any, summaries: _Summaries) -> list[ModuleError]:
     lookup = dict(runner.reference.named_modules())
     by_path: dict[str, list[tuple[str, int]]] = {}
     for key in ref_calls.outputs:
         by_path.setdefault(key[0], []).append(key)
     results = []
-    seen: dict[tuple[Any, ...], tuple[float, float, int]] = {}
     for path, keys in by_path.items():
         keys = [k for k in keys if k in low_calls.outputs]
         if not keys:
             continue
-        ref = torch.cat([_flat(ref_calls.outputs[k]) for k in keys])
-        low = torch.cat([_flat(low_calls.outputs[k]) for k in keys])
-        if ref.shape != low.shape or ref.numel() == 0:
-            continue
-        # Containers and identities (Dropout in eval) often output the very tensors a child did: reuse.
-        identity = tuple((t.data_ptr(), tuple(t.shape)) for k in keys
-                         for t in (*ref_calls.outputs[k], *low_calls.outputs[k]))
-        if identity not in seen:
-            seen[identity] = compare(low, ref, fmt)
-        prop, max_ulp, nonfinite = seen[identity]
+        summary = summaries([t for k in keys for t in low_calls.outputs[k]],
+                            [t for k in keys for t in ref_calls.outputs[k]])
+        if summary is None or not any(t.numel() for k in keys for t in ref_calls.outputs[k]):
+            continue  # the shapes differ, or there is nothing to compare
+        prop, max_ulp, nonfinite, absmax = summary.relative_error, summary.max_ulp, summary.nonfinite, summary.absmax
         ref_in = [t for k in keys for t in ref_calls.input_leaves.get(k, [])]
         low_in = [t for k in keys for t in low_calls.input_leaves.get(k, [])]
-        prop_in = None
-        if ref_in and len(ref_in) == len(low_in) and all(a.shape == b.shape for a, b in zip(ref_in, low_in, strict=False)):
-            prop_in = relative_error(_flat(low_in), _flat(ref_in))
+        inputs = summaries(low_in, ref_in)
+        prop_in = inputs.relative_error if inputs is not None else None
         amplification = prop / prop_in if prop_in and math.isfinite(prop_in) and prop_in > 0 else None
         local_values = [local[k] for k in keys if k in local]
         local_error = max(local_values) if local_values else math.nan
-        absmax = float(ref.abs().max()) if ref.numel() else 0.0
         module = lookup.get(path)
         results.append(ModuleError(
             name=path, type=type(module).__name__ if module is not None else "?", calls=len(keys),
             propagated_error=prop, local_error=local_error, amplification=amplification,
             bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp,
             headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf,
-            subnormal_fraction=subnormal_fraction(ref, fmt), nonfinite=nonfinite,
+            subnormal_fraction=summary.subnormal_fraction, nonfinite=nonfinite,
             params=sum(p.numel() for p in module.parameters()) if module is not None else 0,
         ))
     return results
 
 
-def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[OpError]:
+def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any, summaries: _Summaries) -> list[OpError]:
     """Per-op metrics. An op's input error is the largest propagated error among the ops that
     produced its floating inputs (looking through views and casts); parameters and model inputs
     are not ops, so an op fed only by them has no amplification (None)."""
@@ -659,9 +740,11 @@ def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[Op
         if low is None or low.shape != ref.shape:
             continue
         path, _call, op, index = key
-        prop, max_ulp, nonfinite = compare(low, ref, fmt)
+        summary = summaries([low], [ref])
+        if summary is None:
+            continue
+        prop, max_ulp, nonfinite, absmax = summary.relative_error, summary.max_ulp, summary.nonfinite, summary.absmax
         propagated[key] = prop
-        absmax = float(ref.abs().max()) if ref.numel() else 0.0
         inputs = [propagated[k] for k in ref_ops.input_keys.get(key, []) if k in propagated]
         error_in = max(inputs) if inputs else 0.0
         amplification = prop / error_in if error_in > 0 and math.isfinite(error_in) else None
@@ -669,7 +752,7 @@ def _op_metrics(ref_ops: _OpRecorder, low_ops: _OpRecorder, fmt: Any) -> list[Op
             module=path, op=op, index=index, propagated_error=prop, local_error=ref_ops.local.get(key, math.nan),
             bits_correct=bits_correct(prop, fmt), max_ulp=max_ulp,
             headroom_bits=math.log2(fmt.max / absmax) if absmax > 0 else math.inf, nonfinite=nonfinite,
-            amplification=amplification, subnormal_fraction=subnormal_fraction(ref, fmt),
+            amplification=amplification, subnormal_fraction=summary.subnormal_fraction,
         ))
     return results
 

@@ -16,13 +16,14 @@ Every metric is computed in float64 and handles zeros and non-finite values expl
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
-from floatscope._numerics.formats import FloatFormat
+from floatscope._numerics.formats import FORMATS, FloatFormat  # noqa: F401  (FORMATS: doctest)
 
-__all__ = ["relative_error", "ulp", "max_ulp_error", "compare", "bits_correct", "subnormal_fraction",
-           "round_to_format"]
+__all__ = ["relative_error", "ulp", "max_ulp_error", "compare", "summarize", "ErrorSummary", "bits_correct",
+           "subnormal_fraction", "round_to_format"]
 
 
 def _f64(t: torch.Tensor) -> torch.Tensor:
@@ -39,9 +40,10 @@ def relative_error(y: torch.Tensor, r: torch.Tensor) -> float:
     y64, r64 = _f64(y), _f64(r)
     if y64.shape != r64.shape:
         raise ValueError(f"shapes differ: {tuple(y64.shape)} vs reference {tuple(r64.shape)}")
-    if not bool(torch.isfinite(y64).all()):
-        return math.inf
+    # A non-finite y makes the difference's norm non-finite: test the one number, not every element.
     diff = float(torch.linalg.vector_norm(y64 - r64))
+    if not math.isfinite(diff) and not bool(torch.isfinite(y64).all()):
+        return math.inf
     ref = float(torch.linalg.vector_norm(r64))
     return diff / ref if ref > 0 else diff
 
@@ -62,19 +64,57 @@ def max_ulp_error(y: torch.Tensor, r: torch.Tensor, fmt: FloatFormat) -> float:
 
 def compare(y: torch.Tensor, r: torch.Tensor, fmt: FloatFormat) -> tuple[float, float, int]:
     """``(relative_error, max_ulp_error, non-finite count of y)`` in one pass over the data."""
-    y64, r64 = _f64(y), _f64(r)
+    s = summarize(y, r, fmt)
+    return s.relative_error, s.max_ulp, s.nonfinite
+
+
+class ErrorSummary(NamedTuple):
+    """What :func:`summarize` measures of a result against its reference."""
+
+    relative_error: float
+    max_ulp: float
+    nonfinite: int
+    absmax: float  # of the reference
+    subnormal_fraction: float  # of the reference, in fmt
+
+
+_EXPONENT = 0x7FF0000000000000  # float64's exponent field
+
+
+def summarize(y: torch.Tensor, r: torch.Tensor, fmt: FloatFormat) -> ErrorSummary:
+    """Norm-wise and ULP error of ``y`` against ``r``, the reference's largest magnitude and its
+    subnormal fraction in ``fmt``, with as few passes over the data as possible.
+
+    The ULP of each reference element is read from its float64 bits: masking all but the exponent
+    field gives ``2**e`` exactly, ``e = floor(log2 |r|)`` (0 for zero and float64 subnormals), so
+    ``ulp(r) = max(2**e, 2**emin) * 2**-p``, which is also the smallest subnormal for ``r == 0``.
+
+    Example:
+        >>> s = summarize(torch.tensor([1.0, 2.0], dtype=torch.float16), torch.tensor([1.0, 2.0]), FORMATS["float16"])
+        >>> (s.relative_error, s.max_ulp, s.absmax)
+        (0.0, 0.0, 2.0)
+    """
+    y64, r64 = _f64(y).reshape(-1), _f64(r).reshape(-1)
     if y64.shape != r64.shape:
-        raise ValueError(f"shapes differ: {tuple(y64.shape)} vs reference {tuple(r64.shape)}")
-    if y64.numel() == 0:
-        return 0.0, 0.0, 0
-    nonfinite = int((~torch.isfinite(y64)).sum())
-    if nonfinite:
-        return math.inf, math.inf, nonfinite
+        raise ValueError(f"shapes differ: {tuple(y.shape)} vs reference {tuple(r.shape)}")
+    n = r64.numel()
+    if n == 0:
+        return ErrorSummary(0.0, 0.0, 0, 0.0, 0.0)
+    lo, hi = torch.aminmax(r64)
+    absmax = max(-float(lo), float(hi))
+    power = (r64.view(torch.int64) & _EXPONENT).view(torch.float64)  # 2**floor(log2 |r|), 0 for 0
+    below = int(torch.count_nonzero(power < fmt.smallest_normal))  # zeros and subnormals in fmt
+    subnormal = below - int(torch.count_nonzero(r64 == 0)) if below else 0
     diff = y64 - r64
-    ref_norm = float(torch.linalg.vector_norm(r64))
     diff_norm = float(torch.linalg.vector_norm(diff))
+    if not math.isfinite(diff_norm):
+        nonfinite = int(n - torch.count_nonzero(torch.isfinite(y64)))
+        if nonfinite:
+            return ErrorSummary(math.inf, math.inf, nonfinite, absmax, subnormal / n)
+    ref_norm = float(torch.linalg.vector_norm(r64))
     rel = diff_norm / ref_norm if ref_norm > 0 else diff_norm
-    return rel, float((diff.abs() / ulp(r64, fmt)).max()), 0
+    max_ulp = float(diff.abs_().div_(power.clamp_min_(fmt.smallest_normal)).max()) * 2.0 ** fmt.mantissa_bits
+    return ErrorSummary(rel, max_ulp, 0, absmax, subnormal / n)
 
 
 def bits_correct(error: float, fmt: FloatFormat) -> float:
