@@ -11,11 +11,42 @@ import torch
 
 from floatscope._errors import UsageError
 
-__all__ = ["load_target"]
+__all__ = ["load_target", "load_callable_target"]
 
 
 def load_target(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     """Import ``file.py`` and call ``factory()``; it must return ``(model, example_inputs)``."""
+    made, path, factory_name = _run_factory(target, "return model, (example_input, ...)")
+    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
+        raise UsageError(f"{factory_name}() must return (model, example_inputs) with a torch.nn.Module; "
+                         f"it returned {type(made).__name__}")
+    model, inputs = made
+    if not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    return model, inputs
+
+
+def load_callable_target(target: str) -> tuple[Any, tuple[Any, ...]]:
+    """Like :func:`load_target`, but ``factory()`` may return ``(callable, inputs)`` or ``(module, inputs)``.
+
+    ``inputs`` is a tuple (or list) of positional arguments, or a single tensor.
+    """
+    made, path, factory_name = _run_factory(target, "return fn, (x, ...)")
+    if not (isinstance(made, tuple) and len(made) == 2 and callable(made[0])):
+        shown = type(made).__name__ if not isinstance(made, tuple) else f"a tuple of {len(made)}"
+        raise UsageError(f"{factory_name}() in '{path}' must return (fn_or_module, inputs), e.g. "
+                         f"return torch.tanh, (torch.randn(8, dtype=torch.float64, requires_grad=True),); it returned "
+                         f"{shown}")
+    fn, inputs = made
+    if isinstance(inputs, list):
+        inputs = tuple(inputs)
+    elif not isinstance(inputs, tuple):
+        inputs = (inputs,)
+    return fn, inputs
+
+
+def _run_factory(target: str, returns: str) -> tuple[Any, Path, str]:
+    """Import ``file.py`` and return what ``factory()`` returned, with the path and the factory's name."""
     path_text, sep, factory_name = target.rpartition(":")
     if not sep or not path_text or not factory_name:
         raise UsageError(f"target '{target}' must look like path/to/file.py:factory")
@@ -36,7 +67,7 @@ def load_target(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
             factory = getattr(module, factory_name, None)
             if not callable(factory):
                 raise UsageError(f"'{path}' has no callable '{factory_name}'; define def {factory_name}(): "
-                                 f"return model, (example_input, ...)")
+                                 f"{returns}")
             made = factory()
         except SystemExit as exc:
             raise UsageError(f"importing '{path}' or calling {factory_name}() exited (status {exc.code}); a target "
@@ -45,10 +76,4 @@ def load_target(target: str) -> tuple[torch.nn.Module, tuple[Any, ...]]:
     finally:
         sys.path.pop(0)
         sys.argv = argv
-    if not (isinstance(made, tuple) and len(made) == 2 and isinstance(made[0], torch.nn.Module)):
-        raise UsageError(f"{factory_name}() must return (model, example_inputs) with a torch.nn.Module; "
-                         f"it returned {type(made).__name__}")
-    model, inputs = made
-    if not isinstance(inputs, tuple):
-        inputs = (inputs,)
-    return model, inputs
+    return made, path, factory_name

@@ -34,7 +34,7 @@ checked tensor ``x`` with ``n`` elements and the flattened outputs ``y = f(x)`` 
    non-differentiable point, not a bug, when the analytic value lies between the two slopes.
 
 Every evaluation runs with the same RNG seed (restored afterwards), so dropout draws the same mask
-each time. Before checking, two calls at the same point test determinism, a call under a dispatch
+each time. Before checking, two calls at the same point test determinism, a call under a torch function
 mode records the lowest floating precision any op computed in, and the inputs are compared before
 and after a call (in-place modification).
 """
@@ -52,7 +52,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.overrides import TorchFunctionMode
 
 from floatscope._errors import FloatscopeError, UsageError
 from floatscope._results import to_json_value
@@ -245,9 +245,11 @@ class _Problem:
         if not self.leaves:
             what = "; ".join(described) if described else "no inputs"
             extra = " and the module has no parameter that requires grad" if isinstance(fn, torch.nn.Module) else ""
-            raise UsageError(f"nothing to check: no floating input requires grad{extra} ({what}); gradients are "
-                             f"checked for floating tensors with requires_grad=True: pass "
-                             f"x.double().requires_grad_() for the inputs to check")
+            integer = any(isinstance(v, torch.Tensor) and not v.is_floating_point() for v in inputs)
+            why = " integer and boolean tensors have no gradient, and" if integer else ""
+            raise UsageError(f"nothing to check: no floating input requires grad{extra} ({what});{why} gradients are "
+                             f"checked for floating tensors with requires_grad=True: pass x.double().requires_grad_() "
+                             f"for the inputs to check")
         self.fn = fn
         self.devices = sorted({t.device.index or 0 for t in self.args
                                if isinstance(t, torch.Tensor) and t.device.type == "cuda"})
@@ -332,15 +334,19 @@ def _arg_names(fn: Any, count: int) -> list[str | None]:
     return (names + [None] * count)[:count]
 
 
-class _DtypeScan(TorchDispatchMode):
-    """Records the lowest floating precision any op produced, and the first op (and line) that did."""
+class _DtypeScan(TorchFunctionMode):
+    """Records the lowest floating precision any torch call produced, and the first call (and line) that did.
+
+    A function mode, not a dispatch mode: it sees the user's calls (``x.float()``) and its first use
+    costs a millisecond, where a dispatch mode's first use costs a second.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.lowest: torch.dtype | None = None
         self.first: tuple[str, str] | None = None
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
         out = func(*args, **(kwargs or {}))
         for t in (out if isinstance(out, (tuple, list)) else (out,)):
             if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64:
@@ -350,7 +356,8 @@ class _DtypeScan(TorchDispatchMode):
                         from floatscope._instrument.frames import frame_from
 
                         where = frame_from(sys._getframe(1))
-                        self.first = (str(func), f"{where.file}:{where.line}" if where.known else "")
+                        name = getattr(func, "__name__", None) or str(func)
+                        self.first = (name, f"{where.file}:{where.line}" if where.known else "")
         return out
 
 
@@ -727,13 +734,14 @@ def gradcheck(fn: Callable[..., Any] | torch.nn.Module, *inputs: Any, eps: float
                      f"{eps_work ** (2 / 3):.1g} relative; cast inside the function only where needed")
     rtol_eff = rtol if rtol is not None else (1e-7 if working == torch.float64 else math.sqrt(eps_work))
     low = [leaf for leaf in problem.leaves if torch.finfo(leaf.orig_dtype).eps > torch.finfo(torch.float64).eps]
-    for leaf in low:
-        fin = torch.finfo(leaf.orig_dtype)
-        label = f"{leaf.kind} {leaf.index}" + (f" '{leaf.name}'" if leaf.name else "")
-        notes.append(f"{label} is {str(leaf.orig_dtype).replace('torch.', '')}: it was checked in a float64 copy; "
-                     f"finite differences in {str(leaf.orig_dtype).replace('torch.', '')} would have been unreliable "
-                     f"(the best step, ~{fin.eps ** (1 / 3):.1g}·|x|, leaves an error of ~{fin.eps ** (2 / 3):.1g} "
-                     f"relative, above most gradient bugs' signature)")
+    for dtype in sorted({leaf.orig_dtype for leaf in low}, key=str):
+        fin = torch.finfo(dtype)
+        name = str(dtype).replace("torch.", "")
+        labels = [_label(leaf) for leaf in low if leaf.orig_dtype == dtype]
+        shown = ", ".join(labels[:4]) + (f" and {len(labels) - 4} more" if len(labels) > 4 else "")
+        notes.append(f"{shown} {'is' if len(labels) == 1 else 'are'} {name}: checked in float64 copies; finite "
+                     f"differences in {name} would have been unreliable (the best step, ~{fin.eps ** (1 / 3):.1g}·|x|, "
+                     f"leaves an error of ~{fin.eps ** (2 / 3):.1g} relative, larger than many gradient bugs)")
     if mutated:
         names = ", ".join(_label(problem.leaves[k]) for k in mutated)
         notes.append(f"{problem.fn_name} modifies {names} in place: the caller's tensor changes on every call, and a "
@@ -853,17 +861,24 @@ def _cause(checker: _Checker, k: int, leaf: _Leaf, verdict: Verdict, wrong: list
         count = f"{len(wrong)} wrong element{'s' if len(wrong) != 1 else ''}{many}"
         ratios = [w.analytic / w.numeric for w in wrong if w.numeric != 0 and math.isfinite(w.analytic)]
         pattern = ""
-        if ratios and len(ratios) == len(wrong) and max(ratios) - min(ratios) <= 1e-6 * max(abs(r) for r in ratios):
-            pattern = (f"; the analytic value is {ratios[0]:.6g} times the numeric one in every reported element, a "
-                       f"missing or extra factor (or a sign)" if abs(ratios[0] - 1) > 1e-6 else "")
+        if (ratios and len(ratios) == len(wrong) and ratios[0] != 0
+                and max(ratios) - min(ratios) <= 1e-6 * max(abs(r) for r in ratios)):
+            pattern = (f"; the analytic value is {ratios[0]:.6g} times the numeric one in every reported element: "
+                       f"{'a wrong sign' if abs(ratios[0] + 1) <= 1e-6 else 'a missing or extra factor'}"
+                       if abs(ratios[0] - 1) > 1e-6 else "")
+        classes = analytic.graph_functions.get(k, [])
         if all(w.analytic == 0 for w in wrong) and not any(analytic.differentiable):
             culprit = ("no output requires grad: the function cut the graph (.detach(), .data, .numpy(), .item() or "
                        "torch.no_grad()), so the analytic gradient is zero")
         elif all(w.analytic == 0 for w in wrong):
-            culprit = ("the analytic gradient is 0 where the function does change: a path is cut from the graph "
-                       "(.detach(), .data, .numpy(), .item(), torch.no_grad()) or a custom backward returns None/zeros")
+            culprit = "the analytic gradient is 0 where the function does change: "
+            if classes:
+                named = ", ".join(f"{c.__qualname__} ({_where(c)})" for c in classes)
+                culprit += f"the backward of the custom autograd.Function {named} returns 0 (or None) there"
+            else:
+                culprit += ("a path is cut from the graph (.detach(), .data, .numpy(), .item(), torch.no_grad()) or a "
+                            "gradient hook zeroes it")
         else:
-            classes = analytic.graph_functions.get(k, [])
             if classes:
                 named = ", ".join(f"{c.__qualname__} ({_where(c)})" for c in classes)
                 culprit = (f"the backward is wrong: the custom autograd.Function{'s' if len(classes) > 1 else ''} "

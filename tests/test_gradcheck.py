@@ -1,0 +1,377 @@
+"""floatscope.gradcheck: right backwards pass, injected wrong backwards are found to the element.
+
+Oracles are float64: the true derivative written by hand (cos for sin, ...) at the reported element.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import floatscope
+from floatscope import gradcheck
+from floatscope._cli.main import main as cli_main
+
+
+def _x(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+
+
+def _sin_function(bug):  # noqa: ANN001, ANN202
+    """A custom autograd.Function computing sin, whose backward is ``bug(correct_grad, x)``."""
+
+    class SinWithBug(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return bug(g * torch.cos(x), x)
+
+    return SinWithBug
+
+
+def _one_column(gx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    gx = gx.clone()
+    gx[1234] = gx[1234] * 3
+    return gx
+
+
+# -- correct functions pass ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, fn, inputs", [
+    ("relu away from 0", torch.relu, lambda: (_x(4096),)),
+    ("matmul", torch.matmul, lambda: (_x(30, 40), _x(40, 20, seed=1))),
+    ("softmax", lambda x: torch.softmax(x, -1), lambda: (_x(16, 64),)),
+    ("layer norm", lambda x: F.layer_norm(x, (64,)), lambda: (_x(8, 64),)),
+    ("log-sum-exp of large values", lambda x: torch.logsumexp(10 * x, -1), lambda: (_x(16, 256),)),
+    ("a sum of 100,000 cubes", lambda x: (x ** 3).sum(), lambda: (_x(100_000),)),
+    ("tuple output", lambda x, y: (x * y, (x - y).exp().sum()), lambda: (_x(50), _x(50, seed=1))),
+])
+def test_correct_functions_pass(name, fn, inputs):
+    result = gradcheck(fn, *inputs())
+    assert result.passed, str(result)
+    assert all(c.verdict == "pass" and c.worst == [] and c.max_ratio < 1 for c in result.inputs)
+
+
+def test_correct_custom_function_passes_at_few_evaluations():
+    fn = _sin_function(lambda gx, x: gx)
+    result = gradcheck(fn.apply, _x(4096))
+    assert result.passed and bool(result)
+    # Three calls to test the function, one for the graph, six for the noise probe, four per tensor.
+    assert result.evaluations == 14 and result.backward_passes == 2
+
+
+def test_module_with_parameters_passes_and_names_them():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = gradcheck(model, torch.randn(4, 8))
+    assert result.passed, str(result)
+    assert [(c.kind, c.name, c.index) for c in result.inputs] == [
+        ("parameter", "0.weight", 1), ("parameter", "0.bias", 2), ("parameter", "2.weight", 3),
+        ("parameter", "2.bias", 4)]
+    # The user's module is untouched: same values, same dtype (checked on a float64 copy).
+    assert all(torch.equal(before[k], v) and v.dtype == torch.float32 for k, v in model.state_dict().items())
+    assert any("float32" in n and "float64 copies" in n for n in result.notes)
+
+
+# -- injected bugs: the exact element, analytic and numeric against a float64 oracle ----------------
+
+
+def test_one_wrong_column_of_4096_is_found_with_its_values():
+    fn = _sin_function(_one_column)
+    x = _x(4096)
+    result = gradcheck(fn.apply, x)
+    assert not result.passed
+    (check,) = result.inputs
+    assert check.verdict == "fail" and check.bad_elements == 1 and check.complete
+    (worst,) = check.worst
+    assert worst.element == [1234] and worst.output == [1234] and worst.kind == "wrong"
+    truth = math.cos(float(x[1234]))
+    assert worst.analytic == pytest.approx(3 * truth, rel=1e-12)
+    assert worst.numeric == pytest.approx(truth, rel=1e-8)
+    assert worst.abs_error == pytest.approx(2 * abs(truth), rel=1e-8)
+    assert worst.rel_error == pytest.approx(2 / 3, rel=1e-8)
+    assert "SinWithBug" in check.cause and "test_gradcheck.py" in check.cause
+    # Localisation is a bisection: far fewer calls than the 8,192 of a column-by-column check.
+    assert result.evaluations < 200
+
+
+def test_torch_fast_mode_misses_the_one_column_bug():
+    """The anchor this check is measured against (benchmarks/gradcheck.py)."""
+    fn = _sin_function(_one_column)
+    assert torch.autograd.gradcheck(fn.apply, (_x(4096),), fast_mode=True)
+
+
+def test_a_factor_in_every_element_is_named_as_a_factor():
+    fn = _sin_function(lambda gx, x: 2 * gx)
+    x = _x(1000)
+    result = gradcheck(fn.apply, x, max_reported=3)
+    (check,) = result.inputs
+    assert check.verdict == "fail" and len(check.worst) == 3 and not check.complete
+    for w in check.worst:
+        truth = math.cos(float(x[w.element[0]]))
+        assert w.output == w.element
+        assert w.analytic == pytest.approx(2 * truth, rel=1e-12) and w.numeric == pytest.approx(truth, rel=1e-8)
+    assert "2 times the numeric one" in check.cause and "factor" in check.cause
+
+
+def test_gradient_wrong_only_for_negative_inputs():
+    fn = _sin_function(lambda gx, x: torch.where(x < 0, -gx, gx))
+    x = _x(512)
+    check = gradcheck(fn.apply, x).inputs[0]
+    assert check.verdict == "fail"
+    assert all(float(x[w.element[0]]) < 0 for w in check.worst)
+    assert "wrong sign" in check.cause
+
+
+class _LinearWrongBiasSign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w, b):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, w)
+        return x @ w.T + b
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        x, w = ctx.saved_tensors
+        return g @ w, g.T @ x, -g.sum(0)  # the bias gradient has the wrong sign
+
+
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(6, 5)
+        self.weight = torch.nn.Parameter(torch.randn(3, 5))
+        self.bias = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _LinearWrongBiasSign.apply(torch.tanh(self.first(x)), self.weight, self.bias)
+
+
+def test_wrong_sign_for_one_parameter_of_a_module():
+    torch.manual_seed(0)
+    net = _Net()
+    x = torch.randn(4, 6)
+    result = gradcheck(net, x)
+    verdicts = {c.name: c.verdict for c in result.inputs}
+    assert verdicts == {"first.weight": "pass", "first.bias": "pass", "weight": "pass", "bias": "fail"}
+    bias = next(c for c in result.inputs if c.name == "bias")
+    # Oracle: d sum_rows(out[:, k]) / d bias[k] = 1 per row; each entry of the Jacobian is 1.
+    for w in bias.worst:
+        assert w.output[1] == w.element[0]
+        assert w.numeric == pytest.approx(1.0, rel=1e-8) and w.analytic == pytest.approx(-1.0, rel=1e-12)
+    assert "_LinearWrongBiasSign" in bias.cause and "wrong sign" in bias.cause
+
+
+def test_missing_term_in_a_product_rule():
+    class XSinX(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x * torch.sin(x)
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            return g * x * torch.cos(x)  # forgets the sin(x) term
+
+    x = _x(64)
+    check = gradcheck(XSinX.apply, x).inputs[0]
+    assert check.verdict == "fail"
+    w = check.worst[0]
+    xi = float(x[w.element[0]])
+    assert w.analytic == pytest.approx(xi * math.cos(xi), rel=1e-12)
+    assert w.numeric == pytest.approx(math.sin(xi) + xi * math.cos(xi), rel=1e-8)
+
+
+def test_detached_path_gives_zero_analytic_and_says_so():
+    x = _x(10)
+    check = gradcheck(lambda x: x.exp() + x.detach() ** 2, x).inputs[0]
+    assert check.verdict == "fail"
+    w = check.worst[0]
+    xi = float(x[w.element[0]])
+    assert w.analytic == pytest.approx(math.exp(xi), rel=1e-12)
+    assert w.numeric == pytest.approx(math.exp(xi) + 2 * xi, rel=1e-8)
+
+
+# -- kinks, precision, randomness, in-place ------------------------------------------------------
+
+
+def test_relu_exactly_at_zero_is_a_kink_not_a_wrong_backward():
+    x = _x(4096).detach()
+    x[100] = 0.0
+    x[2000] = 0.0
+    result = gradcheck(torch.relu, x.requires_grad_())
+    (check,) = result.inputs
+    assert result.passed and check.verdict == "kink" and check.kinks == 2 and check.bad_elements == 0
+    assert sorted(w.element[0] for w in check.worst) == [100, 2000]
+    for w in check.worst:
+        assert (w.kind, w.analytic, w.left_slope, w.right_slope) == ("kink", 0.0, 0.0, 1.0)
+        assert w.numeric == pytest.approx(0.5)
+    assert "non-differentiable point, not a bug" in check.cause
+
+
+def test_a_kink_does_not_hide_a_wrong_element():
+    fn = _sin_function(_one_column)
+    x = _x(4096).detach()
+    x[7] = 0.0
+    check = gradcheck(lambda t: torch.abs(fn.apply(t)), x.requires_grad_()).inputs[0]
+    assert check.verdict == "fail"
+    assert [w.element for w in check.worst if w.kind == "wrong"] == [[1234]]
+
+
+def test_float32_inputs_are_checked_in_float64_and_say_so():
+    x = _x(256, dtype=torch.float32)
+    result = gradcheck(torch.tanh, x)
+    assert result.passed and result.inputs[0].dtype == "torch.float32"
+    assert any("float32" in n and "unreliable" in n for n in result.notes)
+    assert x.dtype == torch.float32 and x.grad is None
+
+
+def test_float32_inside_the_function_is_named_and_bugs_still_found():
+    def f(x):  # noqa: ANN001, ANN202
+        return torch.sin(x.float()).double()
+
+    result = gradcheck(f, _x(256))
+    assert result.passed and result.working_dtype == "torch.float32"
+    assert any("computes in float32 inside" in n and "test_gradcheck.py" in n for n in result.notes)
+    bad = _sin_function(lambda gx, x: 1.5 * gx)
+    assert not gradcheck(lambda x: bad.apply(x.float()).double(), _x(256))
+
+
+def test_dropout_uses_the_same_draws_every_call_and_restores_the_rng():
+    state = torch.get_rng_state()
+    result = gradcheck(lambda x: F.dropout(x.sin(), 0.5, training=True), _x(300))
+    assert result.passed, str(result)
+    assert any("draws random numbers" in n for n in result.notes)
+    assert torch.equal(state, torch.get_rng_state())
+
+
+def test_in_place_modification_of_an_input_is_reported():
+    def f(x):  # noqa: ANN001, ANN202
+        x.mul_(2)
+        return x.sin()
+
+    x = _x(20)
+    before = x.detach().clone()
+    result = gradcheck(f, x)
+    assert any("modifies input 0 'x' in place" in n for n in result.notes)
+    assert torch.equal(x.detach(), before)
+
+
+# -- bad input -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn, inputs, message", [
+    (torch.tanh, (torch.arange(3),), "integer and boolean tensors have no gradient"),
+    (torch.tanh, (torch.randn(3),), "without requires_grad"),
+    (lambda x: float(x.sum()), (_x(3),), "returned float as the output"),
+    (lambda x: (x.sin(), "label"), (_x(3),), "returned str as output 1"),
+    (torch.log, (-_x(3).detach().abs().requires_grad_(),), "non-finite"),
+    (lambda x: x[10], (_x(3),), "raised IndexError"),
+])
+def test_bad_input_is_one_clear_usage_error(fn, inputs, message):
+    with pytest.raises(floatscope.UsageError, match=message):
+        gradcheck(fn, *inputs)
+
+
+def test_raise_on_failure_raises_an_assertion_with_the_report():
+    fn = _sin_function(_one_column)
+    with pytest.raises(AssertionError, match=r"element \(1234,\)") as info:
+        gradcheck(fn.apply, _x(4096), raise_on_failure=True)
+    assert isinstance(info.value, floatscope.GradcheckError) and not info.value.result.passed
+
+
+def test_public_names():
+    from floatscope import GradcheckResult
+
+    assert "gradcheck" in floatscope.__all__ and callable(floatscope.gradcheck)
+    assert isinstance(gradcheck(torch.sin, _x(4)), GradcheckResult)
+
+
+# -- JSON and the CLI ------------------------------------------------------------------------
+
+
+_TARGETS = textwrap.dedent('''
+    import torch
+
+    class Bad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.exp()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            out = g * x.exp()
+            out[1, 2] = 0.0
+            return out
+
+    def bad():
+        return Bad.apply, (torch.randn(4, 8, dtype=torch.float64, requires_grad=True),)
+
+    def good():
+        torch.manual_seed(0)
+        return torch.nn.GRUCell(3, 4), (torch.randn(2, 3), torch.randn(2, 4))
+
+    def no_grad():
+        return torch.tanh, (torch.randn(3),)
+
+    def not_a_pair():
+        return torch.tanh
+''')
+
+
+def _schema(data: dict) -> None:
+    """The issue's JSON contract, exactly (extra fields allowed)."""
+    assert isinstance(data["passed"], bool) and isinstance(data["seconds"], float)
+    for item in data["inputs"]:
+        assert isinstance(item["index"], int) and (item["name"] is None or isinstance(item["name"], str))
+        assert isinstance(item["passed"], bool)
+        for w in item["worst"]:
+            assert isinstance(w["element"], list) and all(isinstance(i, int) for i in w["element"])
+            assert w["output"] is None or all(isinstance(i, int) for i in w["output"])
+            for key in ("analytic", "numeric", "abs_error", "rel_error"):
+                assert isinstance(w[key], float)
+
+
+def test_cli_exit_codes_text_and_json(tmp_path, capsys):
+    target = tmp_path / "targets.py"
+    target.write_text(_TARGETS)
+    out = tmp_path / "bad.json"
+    assert cli_main(["gradcheck", f"{target}:bad", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "fail: 1 wrong element" in text and "[1, 2]" in text and "Bad" in text
+    data = json.loads(out.read_text())
+    _schema(data)
+    assert data["passed"] is False
+    (item,) = data["inputs"]
+    assert (item["index"], item["name"], item["passed"]) == (0, None, False)
+    (w,) = item["worst"]
+    assert (w["element"], w["output"], w["analytic"]) == ([1, 2], [1, 2], 0.0) and w["numeric"] > 0
+
+    good = tmp_path / "good.json"
+    assert cli_main(["gradcheck", f"{target}:good", "--json", str(good)]) == 0
+    data = json.loads(good.read_text())
+    _schema(data)
+    assert data["passed"] is True and [i["name"] for i in data["inputs"]] == [
+        "weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    assert "gradcheck passed" in capsys.readouterr().out
+
+    assert cli_main(["gradcheck", f"{target}:no_grad"]) == 2
+    assert "requires_grad" in capsys.readouterr().err
+    assert cli_main(["gradcheck", f"{target}:not_a_pair"]) == 2
+    assert "must return (fn_or_module, inputs)" in capsys.readouterr().err
+    assert cli_main(["gradcheck", f"{tmp_path}/missing.py:f"]) == 2
