@@ -46,8 +46,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    # floatscope.precision, floatscope.compare and floatscope.runs load on first use (PEP 562).
-    if name in ("precision", "compare", "runs"):
+    # floatscope.precision, floatscope.compare, floatscope.runs and floatscope.lint load on first use (PEP 562).
+    if name in ("precision", "compare", "runs", "lint"):
         import importlib
 
         return importlib.import_module(f"floatscope.{name}")
