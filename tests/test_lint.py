@@ -1,0 +1,397 @@
+"""floatscope lint: each source rule on injected bugs and on its safe look-alikes, the value tracker, --fix,
+ignore comments, pyproject config, the CLI (exit codes, JSON, SARIF), the labelled corpus and the bundled examples."""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from floatscope._cli.main import main as cli
+from floatscope.lint import RULES, lint_paths, lint_source, to_sarif
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "src" / "floatscope" / "examples"
+CORPUS = ROOT / "tests" / "fixtures" / "lint_corpus"
+HEAD = "import math\nimport numpy as np\nimport torch\nimport torch.nn as nn\nimport torch.nn.functional as F\n"
+
+
+def findings(code: str, **kwargs):
+    return lint_source(HEAD + textwrap.dedent(code), "t.py", **kwargs).findings
+
+
+def rules(code: str) -> list[tuple[str, int]]:
+    """(rule, line) with lines counted from the snippet's first line."""
+    offset = HEAD.count("\n")
+    return [(f.rule, f.line - offset) for f in findings(code)]
+
+
+# (snippet, rule, line in the snippet, the fix when --fix applies it, else None)
+UNSTABLE = [
+    ("y = torch.log(torch.softmax(z, dim=-1))", "FS101", 1, "torch.log_softmax(z, dim=-1)"),
+    ("y = torch.log(F.softmax(z, dim=1))", "FS101", 1, "F.log_softmax(z, dim=1)"),
+    ("y = z.softmax(-1).log()", "FS101", 1, "z.log_softmax(-1)"),
+    ("p = torch.softmax(z, 1)\ny = torch.log(p)", "FS101", 2, None),
+    ("loss = F.nll_loss(torch.log(F.softmax(z, 1)), t)", "FS102", 1, "F.log_softmax(z, 1)"),
+    ("p = F.softmax(z, 1)\nloss = -torch.log(p[range(4), y]).mean()", "FS102", 2, None),
+    ("p = F.softmax(z, 1)\nloss = -(t * torch.log(p)).sum(1)", "FS102", 2, None),
+    ("y = torch.log(torch.sigmoid(z))", "FS103", 1, "F.logsigmoid(z)"),
+    ("y = torch.log(1 - torch.sigmoid(z))", "FS104", 1, "F.logsigmoid(-z)"),
+    ("y = torch.log1p(-z.sigmoid())", "FS104", 1, "F.logsigmoid(-z)"),
+    ("loss = F.binary_cross_entropy(torch.sigmoid(z), t)", "FS105", 1, None),
+    ("crit = nn.BCELoss()\nloss = crit(z.sigmoid(), t)", "FS105", 2, None),
+    ("w = torch.exp(s) / torch.exp(s).sum(dim=-1, keepdim=True)", "FS106", 1, "torch.softmax(s, dim=-1)"),
+    ("e = torch.exp(s)\nw = e / e.sum(-1, keepdim=True)", "FS106", 1, None),
+    ("y = torch.log(torch.exp(x).sum(dim=1))", "FS107", 1, "torch.logsumexp(x, dim=1)"),
+    ("y = torch.log(torch.sum(torch.exp(x), 1))", "FS107", 1, "torch.logsumexp(x, 1)"),
+    ("y = torch.log(torch.exp(a) + torch.exp(b))", "FS107", 1, "torch.logaddexp(a, b)"),
+    ("y = torch.log(torch.prod(p, dim=1))", "FS108", 1, None),
+    ("v = (x ** 2).mean(0) - x.mean(0) ** 2", "FS109", 1, None),  # torch or numpy? both imported: a suggestion
+    ("v = torch.mean(x * x, dim=1) - torch.mean(x, dim=1) ** 2", "FS109", 1,
+     "torch.var(x, dim=1, correction=0)"),
+    ("m = x.mean()\nm2 = x.pow(2).mean()\nv = m2 - m ** 2", "FS109", 3, None),
+    ("y = torch.log(1 + x)", "FS110", 1, "torch.log1p(x)"),
+    ("y = np.log(x + 1.0)", "FS110", 1, "np.log1p(x)"),
+    ("y = (1 + x).log()", "FS110", 1, "x.log1p()"),
+    ("y = torch.exp(x) - 1", "FS111", 1, "torch.expm1(x)"),
+    ("y = 1 - math.exp(-r)", "FS111", 1, "-math.expm1(-r)"),
+    ("y = x / x.norm(dim=-1, keepdim=True)", "FS112", 1, None),
+    ("y = (x - x.mean()) / x.std()", "FS112", 1, None),
+    ("n = mask.sum()\nloss = total / n", "FS112", 2, None),
+    ("d = torch.sqrt(((a - b) ** 2).sum(-1))", "FS113", 1, None),
+    ("d = (a - b).pow(2).sum(1) ** 0.5", "FS113", 1, None),
+    ("v = x.var(0)\ny = (x - x.mean(0)) / torch.sqrt(v)", "FS114", 2, None),
+    ("y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True))", "FS114", 1, None),
+    ("a = torch.acos(F.cosine_similarity(u, v))", "FS115", 1, None),
+    ("a = np.arcsin(np.dot(u, v) / (np.linalg.norm(u) * np.linalg.norm(v)))", "FS115", 1, None),
+    ("y = torch.log(1 + torch.exp(x))", "FS116", 1, None),
+    ("x = x.half()\ny = x / (x.sum() + 1e-8)", "FS201", 2, None),
+    ("s = s.to(torch.float16)\ns = s.masked_fill(m, -1e9)", "FS203", 2, None),
+    ("h = torch.zeros(3, dtype=torch.half)\ny = h * 1e5", "FS204", 2, None),
+    ("net = nn.Linear(2, 2).half()\nopt = torch.optim.Adam(net.parameters())", "FS202", 2, None),
+]
+
+SAFE = [
+    "y = F.log_softmax(z, dim=-1)",
+    "y = torch.log(torch.softmax(z, -1) + 1e-8)",
+    "y = torch.log(F.softmax(z, -1).clamp(min=1e-12))",
+    "loss = F.cross_entropy(z, t)",
+    "y = F.logsigmoid(z)",
+    "loss = F.binary_cross_entropy_with_logits(z, t)",
+    "loss = F.binary_cross_entropy(p, t)",
+    "y = torch.log(torch.sigmoid(z) + 1e-6)",
+    "e = torch.exp(s - s.max(-1, keepdim=True).values)\nw = e / e.sum(-1, keepdim=True)",
+    "w = torch.exp(s - torch.logsumexp(s, -1, keepdim=True))",
+    "y = torch.logsumexp(x, dim=1)",
+    "m = x.max()\ny = m + torch.log(torch.exp(x - m).sum())",
+    "y = torch.log(p).sum(1)",
+    "v = torch.var(x, 0)",
+    "v = ((x - x.mean(0)) ** 2).mean(0)",
+    "v = (x ** 2).mean() - y.mean() ** 2",
+    "y = torch.log1p(x)",
+    "y = torch.expm1(x)",
+    "y = math.log(1 + 1e-3)",
+    "y = torch.log(2 + x)",
+    "y = torch.exp(x) - 2",
+    "y = F.normalize(x, dim=-1)",
+    "y = x / (x.norm(dim=-1, keepdim=True) + 1e-8)",
+    "y = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)",
+    "y = loss.sum() / mask.sum().clamp(min=1)",
+    "y = (x - m) / (x.std() + 1e-5)",
+    "y = x / 255.0",
+    "d = torch.sqrt(((a - b) ** 2).sum(-1) + 1e-8)",
+    "d = torch.sqrt(torch.tensor(2.0))",
+    "d = math.sqrt(d_model)",
+    "d = np.sqrt(np.sum((a - b) ** 2))",
+    "y = x / torch.sqrt(x.var(0) + 1e-5)",
+    "y = torch.rsqrt(var + eps)",
+    "a = torch.acos(torch.clamp(c, -1 + 1e-7, 1 - 1e-7))",
+    "a = torch.acos(F.cosine_similarity(u, v).clamp(-1, 1))",
+    "a = torch.acos(torch.tensor(0.5))",
+    "s = s.half()\ns = s.masked_fill(m, torch.finfo(s.dtype).min)",
+    "s = s.masked_fill(m, -1e9)",
+    "x = x.to(torch.bfloat16)\ny = x + 1e-8",
+    "x = x.half()\ny = x + 1e-3",
+    "net = nn.Linear(2, 2).half()\nopt = torch.optim.Adam(net.parameters(), eps=1e-4)",
+    "net = nn.Linear(2, 2)\nopt = torch.optim.Adam(net.parameters())",
+]
+
+
+@pytest.mark.parametrize(("code", "rule", "line", "fix"), UNSTABLE, ids=[f"{r}-{i}" for i, (_, r, _, _) in
+                                                                         enumerate(UNSTABLE)])
+def test_each_rule_fires_with_its_line_and_fix(code, rule, line, fix):
+    found = findings(code)
+    ours = [f for f in found if f.rule == rule]
+    assert [(f.rule, f.line - HEAD.count("\n")) for f in ours] == [(rule, line)], found
+    f = ours[0]
+    assert f.severity == RULES[rule].severity and f.file == "t.py" and f.col >= 1
+    assert f.autofixable == (fix is not None)
+    if fix is not None:
+        assert f.fix == fix
+    else:
+        assert f.fix  # a suggestion is always given
+    assert len(f.message) > 60 and any(ch.isdigit() for ch in f.message)  # says when it fails, with numbers
+
+
+@pytest.mark.parametrize("code", SAFE)
+def test_safe_look_alikes_are_not_flagged(code):
+    assert findings(code) == ()
+
+
+def test_messages_carry_the_numbers_of_the_failure():
+    f = findings("y = torch.exp(s) / torch.exp(s).sum(-1, keepdim=True)")[0]
+    assert "88.7" in f.message and "11.1" in f.message and "NaN" in f.message
+    f = findings("x = x.half()\ny = x + 1e-8")[0]
+    assert "6e-08" in f.message and "float16" in f.message
+
+
+def test_aliases_and_from_imports():
+    code = "from torch import log, softmax\nfrom torch.nn import functional as G\ny = log(softmax(z, 1))\n" \
+           "w = log(G.sigmoid(z))\n"
+    assert [(f.rule, f.line) for f in lint_source(code).findings] == [("FS101", 3), ("FS103", 4)]
+    code = "import torch as th\nimport numpy\ny = th.log(1 + x)\nz = numpy.exp(x) - 1\n"
+    found = lint_source(code).findings
+    assert [(f.rule, f.fix) for f in found] == [("FS110", "th.log1p(x)"), ("FS111", "numpy.expm1(x)")]
+
+
+def test_value_tracking_follows_assignments_and_respects_rebinding():
+    assert rules("p = torch.softmax(z, -1)\nq = p\nr = q.view(-1)\ny = torch.log(r)") == [("FS101", 4)]
+    assert rules("p = torch.softmax(z, -1)\np = p + 1e-6\ny = torch.log(p)") == []
+    assert rules("def f(p):\n    return torch.log(p)\np = torch.softmax(z, -1)") == []  # a parameter shadows
+    # a module-level binding is visible in a function; a module held in self.<attr> is followed
+    assert rules("act = nn.Sigmoid()\ndef f(x):\n    return torch.log(act(x))") == [("FS103", 3)]
+    code = """
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sm = nn.Softmax(dim=-1)
+
+        def forward(self, x):
+            p = self.sm(x)
+            return torch.log(p)
+    """
+    assert rules(code) == [("FS101", 9)]
+    # x = x / x.sum() rebinding: the right side is judged with the old binding
+    assert rules("w = torch.exp(s)\nw = w / w.sum(-1, keepdim=True)") == [("FS106", 1)]
+
+
+def test_ignore_comments_and_select_ignore():
+    code = "y = torch.log(1 + x)  # floatscope: ignore[FS110]\nz = torch.exp(x) - 1  # floatscope: ignore\n" \
+           "w = torch.log(1 + x)  # floatscope: ignore[FS101]\n"
+    assert [(f.rule, f.line - 5) for f in findings(code)] == [("FS110", 3)]
+    code = "y = torch.log(1 + x)\nz = torch.exp(x) - 1\nd = x / x.norm()\n"
+    assert {f.rule for f in findings(code, select=["FS11"])} == {"FS110", "FS111", "FS112"}
+    assert {f.rule for f in findings(code, select=["FS11"], ignore=["FS110"])} == {"FS111", "FS112"}
+    assert {f.rule for f in findings(code, select=["FS110"], ignore=["FS1"])} == {"FS110"}
+    from floatscope import UsageError
+
+    with pytest.raises(UsageError, match="FS999"):
+        findings(code, select=["FS999"])
+
+
+def test_syntax_error_is_a_finding_with_file_and_line(tmp_path):
+    (tmp_path / "bad.py").write_text("import torch\ndef f(:\n    pass\n")
+    (tmp_path / "good.py").write_text("import torch\ny = torch.log(1 + x)\n")
+    result = lint_paths([str(tmp_path)], config=False)
+    assert [(Path(f.file).name, f.rule, f.line) for f in result.findings] == [("bad.py", "FS001", 2),
+                                                                                ("good.py", "FS110", 2)]
+    assert result.files == 2 and "syntax error" in result.findings[0].message
+
+
+def test_fix_rewrites_only_exact_rewrites_keeps_formatting_and_is_idempotent(tmp_path):
+    source = textwrap.dedent("""\
+        import torch
+        import torch.nn.functional as F
+
+
+        def loss(z,   t):  # odd spacing stays
+            # a comment stays
+            a = torch.log( 1 + z )   # trailing comment
+            b = (torch.exp(z) - 1) * 2
+            c = torch.log(torch.softmax(z, dim=-1))
+            d = z / z.norm(dim=-1, keepdim=True)
+            e = F.binary_cross_entropy(torch.sigmoid(z), t)
+            return a + b + c + d + e
+        """)
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    result = lint_paths([str(path)], fix=True, config=False)
+    fixed = path.read_text()
+    assert result.fixed == 3
+    assert fixed == source.replace("torch.log( 1 + z )", "torch.log1p(z)").replace(
+        "(torch.exp(z) - 1)", "(torch.expm1(z))").replace("torch.log(torch.softmax(z, dim=-1))",
+                                                          "torch.log_softmax(z, dim=-1)")
+    assert {f.rule for f in result.findings} == {"FS112", "FS105"}  # suggestions only: they change values
+    again = lint_paths([str(path)], fix=True, config=False)
+    assert again.fixed == 0 and path.read_text() == fixed
+    ast.parse(fixed)
+
+
+def test_variance_fix_needs_to_know_torch_from_numpy():
+    found = lint_source("import torch\nv = (x ** 2).mean(0) - x.mean(0) ** 2\n").findings
+    assert [(f.fix, f.autofixable) for f in found] == [("x.var(0, correction=0)", True)]
+    found = lint_source("import numpy as np\nv = (x ** 2).mean(0) - x.mean(0) ** 2\n").findings
+    assert [(f.fix, f.autofixable) for f in found] == [("x.var(0)", True)]
+
+
+def test_fixes_compute_the_same_values():
+    """Each autofix, applied to its snippet, gives the same values (float64, away from the unstable range)."""
+    import numpy as np
+    import torch
+
+    from floatscope._lint.fix import apply_edits
+
+    z = torch.tensor([[0.3, -1.2, 2.0], [1e-3, 4.0, -0.5]], dtype=torch.float64)
+    checked = 0
+    for code, rule, _, fix in UNSTABLE:
+        if fix is None:
+            continue
+        source = HEAD + textwrap.dedent(code)
+        edits = [f.edit for f in lint_source(source).findings if f.autofixable]
+        rewritten, n = apply_edits(source, edits)
+        assert n == 1 and fix in rewritten, (code, rewritten)
+        results = []
+        for text in (source, rewritten):
+            names = {"z": z, "x": z.abs(), "s": z, "a": z, "b": z * 2, "r": 0.25, "t": torch.tensor([0, 2])}
+            exec(compile(text, "<snippet>", "exec"), names)
+            target = ast.parse(text).body[-1].targets[0].id
+            results.append(torch.as_tensor(np.asarray(names[target]) if not isinstance(names[target], torch.Tensor)
+                                           else names[target], dtype=torch.float64))
+        torch.testing.assert_close(results[1], results[0], rtol=1e-12, atol=1e-12, msg=f"{rule}: {code}")
+        checked += 1
+    assert checked >= 15
+
+
+def test_pyproject_config_select_ignore_exclude(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nignore = ["FS110"]\nexclude = ["gen/*"]\n')
+    (tmp_path / "a.py").write_text("import torch\ny = torch.log(1 + x)\nz = torch.exp(x) - 1\n")
+    (tmp_path / "gen").mkdir()
+    (tmp_path / "gen" / "b.py").write_text("import torch\ny = torch.exp(x) - 1\n")
+    result = lint_paths([str(tmp_path)])
+    assert [(Path(f.file).name, f.rule) for f in result.findings] == [("a.py", "FS111")] and result.files == 1
+    assert {f.rule for f in lint_paths([str(tmp_path)], config=False).findings} == {"FS110", "FS111"}
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nselect = ["FS110"]\n')
+    assert {f.rule for f in lint_paths([str(tmp_path)]).findings} == {"FS110"}
+    assert {f.rule for f in lint_paths([str(tmp_path)], select=["FS111"]).findings} == {"FS111"}
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nselct = ["FS110"]\n')
+    from floatscope import UsageError
+
+    with pytest.raises(UsageError, match="selct"):
+        lint_paths([str(tmp_path)])
+
+
+def test_cli_exit_codes_text_and_json(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "clean.py").write_text("import torch\ny = torch.log1p(x)\n")
+    (tmp_path / "bad.py").write_text("import torch\ny = torch.log(1 + x)\nz = x / x.norm()\n")
+    assert cli(["lint", "clean.py"]) == 0
+    assert "no findings in 1 file" in capsys.readouterr().out
+    assert cli(["lint", "bad.py", "--json", "out/r.json"]) == 1
+    out = capsys.readouterr().out
+    assert "bad.py:2:5: FS110 warning:" in out and "fix: torch.log1p(x)" in out and "suggested:" in out
+    assert "2 findings (1 error, 1 warning) in 1 file; 1 fixable with floatscope lint --fix" in out
+    data = json.loads((tmp_path / "out" / "r.json").read_text())
+    assert set(data) == {"findings", "files"} and data["files"] == 1
+    types = {"rule": str, "file": str, "line": int, "col": int, "severity": str, "message": str, "autofixable": bool}
+    for item in data["findings"]:
+        assert list(item) == ["rule", "file", "line", "col", "severity", "message", "fix", "autofixable"]
+        assert all(isinstance(item[k], t) for k, t in types.items())
+        assert item["fix"] is None or isinstance(item["fix"], str)
+    assert [(d["rule"], d["line"], d["col"], d["autofixable"]) for d in data["findings"]] == [
+        ("FS110", 2, 5, True), ("FS112", 3, 9, False)]
+    assert cli(["lint", "bad.py", "--format", "json", "--select", "FS112"]) == 1
+    assert [d["rule"] for d in json.loads(capsys.readouterr().out)["findings"]] == ["FS112"]
+    assert cli(["lint", "bad.py", "--ignore", "FS110,FS112"]) == 0
+    capsys.readouterr()
+    assert cli(["lint", "missing.py"]) == 2
+    err = capsys.readouterr().err
+    assert err == "floatscope: error: missing.py: no such file or folder\n"
+    assert cli(["lint", "bad.py", "--select", "XX1"]) == 2
+    assert "XX1" in capsys.readouterr().err
+
+
+def test_cli_fix_and_the_real_entry_point(tmp_path):
+    (tmp_path / "m.py").write_text("import torch\ny = torch.log(1 + x)\n")
+    proc = subprocess.run([sys.executable, "-m", "floatscope", "lint", "--fix", "m.py"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "fixed 1 finding; no findings in 1 file" in proc.stdout
+    assert (tmp_path / "m.py").read_text() == "import torch\ny = torch.log1p(x)\n"
+
+
+def test_sarif_is_2_1_0_shaped(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "bad.py").write_text("import torch\ny = torch.log(1 + x)\nz = x / x.norm()\n")
+    assert cli(["lint", "--format", "sarif", "bad.py"]) == 1
+    log = json.loads(capsys.readouterr().out)
+    assert log["version"] == "2.1.0" and log["$schema"].endswith("sarif-2.1.0.json")
+    run = log["runs"][0]
+    driver = run["tool"]["driver"]
+    assert driver["name"] == "floatscope" and [r["id"] for r in driver["rules"]] == list(RULES)
+    for rule in driver["rules"]:
+        assert {"id", "name", "shortDescription", "fullDescription", "help", "defaultConfiguration"} <= set(rule)
+        assert rule["defaultConfiguration"]["level"] in ("error", "warning")
+    assert [r["ruleId"] for r in run["results"]] == ["FS110", "FS112"]
+    for result in run["results"]:
+        assert driver["rules"][result["ruleIndex"]]["id"] == result["ruleId"]
+        assert result["level"] in ("error", "warning") and result["message"]["text"]
+        loc = result["locations"][0]["physicalLocation"]
+        assert loc["artifactLocation"]["uri"] == "bad.py" and loc["region"]["startLine"] >= 1
+        assert loc["region"]["startColumn"] >= 1
+    replacement = run["results"][0]["fixes"][0]["artifactChanges"][0]["replacements"][0]
+    assert replacement["insertedContent"]["text"] == "torch.log1p(x)"
+    assert replacement["deletedRegion"] == {"startLine": 2, "startColumn": 5, "endLine": 2, "endColumn": 21}
+    assert to_sarif(lint_source("x = 1\n"))["runs"][0]["results"] == []
+
+
+def _benchmark():
+    spec = importlib.util.spec_from_file_location("lint_benchmark", ROOT / "benchmarks" / "lint.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["lint_benchmark"] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_corpus_precision_and_recall():
+    bench = _benchmark()
+    expected = bench.labels()
+    unstable = [k for k, v in expected.items() if v]
+    assert len(expected) >= 60 and len(expected) - len(unstable) >= len(expected) / 2
+    score = bench.score(expected, bench.floatscope_findings(), strict=True)
+    assert score.precision >= 0.95 and score.recall >= 0.9, score
+    covered = {r for v in expected.values() for r in v}
+    assert covered == {r for r in RULES if r != "FS001"}  # every rule has corpus lines
+
+
+@pytest.mark.parametrize(("name", "rule", "marker"), [
+    ("log_softmax_underflow.py", "FS102", "origin: log(0)"),
+    ("fp16_exp_overflow.py", "FS106", "origin: no max subtraction"),
+    ("sqrt_at_zero.py", "FS113", "origin: gradient is infinite"),
+    ("zero_norm_div.py", "FS112", "origin: 0/0"),
+    ("adam_fp16_eps.py", "FS202", "eps=1e-8 is 0 in float16"),
+])
+def test_each_bundled_example_bug_is_found(name, rule, marker):
+    from tests.conftest import line_of
+
+    _, line = line_of(marker, EXAMPLES / name)
+    result = lint_paths([str(EXAMPLES / name)], config=False)
+    assert [(f.rule, f.line) for f in result.findings] == [(rule, line)]
+
+
+def test_examples_without_a_source_pattern_are_clean():
+    # These three bugs are dynamics (compounding error, overfitting), not spellings: nothing to lint.
+    names = ["lstm_divergence.py", "lstm_accumulation.py", "deployment_fragility.py"]
+    assert lint_paths([str(EXAMPLES / n) for n in names], config=False).findings == ()
+
+
+def test_import_floatscope_stays_light():
+    code = "import sys, floatscope; floatscope.lint; print('libcst' in sys.modules, 'floatscope._lint.fix' in " \
+           "sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.split() == ["False", "False"], proc.stderr
