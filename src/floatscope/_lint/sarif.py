@@ -30,7 +30,6 @@ def to_sarif(result: LintResult) -> dict[str, Any]:
     driver = {
         "name": "floatscope",
         "version": __version__,
-        "informationUri": "https://github.com/floatscope/floatscope",
         "rules": [{
             "id": rule.id,
             "name": rule.name,

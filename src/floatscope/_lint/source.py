@@ -506,6 +506,7 @@ class _Analyzer:
             end_line = replace.end_lineno or replace.lineno
             edit = Edit(replace.lineno, self.char_col(replace.lineno, replace.col_offset), end_line,
                         self.char_col(end_line, replace.end_col_offset or 0), fix)
+        message = " ".join(message.split())  # a multi-line expression quoted in one line
         self.findings[key] = Finding(rule_id, self.filename, line, col + 1, rule.severity, message, fix,
                                      edit is not None, edit)
         for weaker in claims:
