@@ -39,6 +39,7 @@ __all__ = [
     "Watch",
     "capture_env",
     "format_of",
+    "gradcheck",
     "locate",
     "seed_everything",
     "watch",
@@ -51,4 +52,11 @@ def __getattr__(name: str) -> object:
         import importlib
 
         return importlib.import_module(f"floatscope.{name}")
+    if name in ("gradcheck", "GradcheckResult", "GradcheckError"):
+        # floatscope.gradcheck is a function; its engine loads on first use.
+        from floatscope._engines import gradcheck as _gradcheck
+
+        value = getattr(_gradcheck, name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'floatscope' has no attribute {name!r}")

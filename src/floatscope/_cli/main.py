@@ -7,6 +7,7 @@ import sys
 
 from floatscope._cli import compare, demo, determinism, formats, health_cmds, precision, run, store_cmds
 from floatscope._cli import lint
+from floatscope._cli import gradcheck
 from floatscope._cli.render import check_json_path, fail
 from floatscope._errors import FloatscopeError
 
@@ -33,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     determinism.add_parser(sub)
     formats.add_parser(sub)
     lint.add_parser(sub)
+    gradcheck.add_parser(sub)
     demo.add_parser(sub)
     return parser
 

@@ -480,6 +480,11 @@ class _Checker:
             floor = typical / 10.0 if typical > 0 else 1.0
             self.steps.append(rel_step * torch.clamp(mag, min=floor))  # (n,)
         self.sigma = self._noise_probe()  # (m,)
+        self.u_matrix = torch.stack(self.cotangents)  # (K, m)
+        self.u_norms = self.u_matrix.norm(dim=1)  # (K,)
+        self.g_matrix = [torch.stack([row[leaf] for row in self.rows]) for leaf in range(len(problem.leaves))]  # (K, n)
+        floor = torch.maximum(self.sigma, _KAPPA * eps_work * self.abs_f0)
+        self.noise = (math.sqrt(2) * (self.u_matrix.abs() @ floor)).tolist()  # (K,) rounding noise of a projection
 
     def _noise_probe(self) -> torch.Tensor:
         """Rounding noise of each output: fourth differences along a random direction at a spacing of
@@ -513,18 +518,19 @@ class _Checker:
         fm2, fm1, fp1, fp2 = evals
         dx1 = (points[2] - points[1])[lo:hi]
         dx2 = (points[3] - points[0])[lo:hi]
+        # One matrix product per side for all cotangents: phi[t, k] = u_kᵀ f(x + t w).
+        phi = (torch.stack([fm2, fm1, self.f0, fp1, fp2]) @ self.u_matrix.T).tolist()  # (5, K)
+        g = self.g_matrix[leaf][:, lo:hi]  # (K, b)
+        user = self.atol * self.u_norms[:, None] + self.rtol * g.abs()
+        sides = torch.stack([g @ dx1, g @ dx2, g.abs() @ dx1.abs(), (dx1 * user).norm(dim=1)]).tolist()  # (4, K)
         ratio, score = 0.0, 0.0
         norm = float(dx1.norm())
-        for u, row in zip(self.cotangents, self.rows, strict=True):
-            g = row[leaf][lo:hi]
-            phi = [float(u @ f) for f in (fm2, fm1, self.f0, fp1, fp2)]
-            d1 = (phi[3] - phi[1]) - float(g @ dx1)
-            d2 = (phi[4] - phi[0]) - float(g @ dx2)
+        for k in range(_K):
+            d1 = (phi[3][k] - phi[1][k]) - sides[0][k]
+            d2 = (phi[4][k] - phi[0][k]) - sides[1][k]
             trunc = abs(d2 - 2 * d1) / 6
-            noise = math.sqrt(2) * float(u.abs() @ torch.maximum(self.sigma, _KAPPA * self.eps_work * self.abs_f0))
-            around = _KAPPA * self.eps_work * float(g.abs() @ dx1.abs())
-            slack = _STAT_T * float((dx1 * (self.atol * float(u.norm()) + self.rtol * g.abs())).norm())
-            tol = _C * (trunc + noise + around) + slack
+            around = _KAPPA * self.eps_work * sides[2][k]
+            tol = _C * (trunc + self.noise[k] + around) + _STAT_T * sides[3][k]
             r = abs(d1) / tol if tol > 0 else (0.0 if d1 == 0 else math.inf)
             if not math.isfinite(d1):
                 r = math.inf
@@ -799,14 +805,16 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
         max_ratio = root.ratio
         if root.ratio > 1:
             heapq.heappush(heap, (-root.score, n, counter, root))
-    wrong = 0
-    while heap and wrong < max_reported and problem.evaluations < budget_end:
+    wrong = kinks_found = 0
+    # Kinks are not bugs but each costs a column; past 4x max_reported of them, stop (the report says so).
+    while heap and wrong < max_reported and kinks_found < 4 * max_reported and problem.evaluations < budget_end:
         _, _, _, block = heapq.heappop(heap)
         if block.hi - block.lo == 1:
             element = checker.check_element(k, block.lo)
             if element is not None:
                 found.append(element)
                 wrong += element.kind == "wrong"
+                kinks_found += element.kind == "kink"
             continue
         mid = (block.lo + block.hi) // 2
         for lo, hi in ((block.lo, mid), (mid, block.hi)):
@@ -819,7 +827,7 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
     complete = not heap
     at_least = len(found) + len(heap)
     worst = sorted(wrong_elems, key=lambda w: -(w.abs_error / w.tolerance if w.tolerance > 0 else math.inf))
-    worst = (worst + kinks)[:max(max_reported, len(kinks) if not wrong_elems else 0)]
+    worst = (worst + kinks)[:max_reported]
     if wrong_elems:
         verdict: Verdict = "fail"
     elif unreliable:
@@ -849,7 +857,8 @@ def _cause(checker: _Checker, k: int, leaf: _Leaf, verdict: Verdict, wrong: list
     parts: list[str] = []
     if kinks:
         w = kinks[0]
-        parts.append(f"{len(kinks)} element{'s' if len(kinks) != 1 else ''} at a non-differentiable point, not a bug "
+        more = "" if complete or wrong else " (the search stopped there: there may be more)"
+        parts.append(f"{len(kinks)} element{'s' if len(kinks) != 1 else ''}{more} at a non-differentiable point, not a bug "
                      f"(e.g. element {tuple(w.element)}: slope {w.left_slope:.6g} on the left, {w.right_slope:.6g} on the "
                      f"right, analytic {w.analytic:.6g} is a one-sided slope or between them, as relu, abs or max at a tie "
                      f"give); move the test point away from it to check the gradient there")
