@@ -22,6 +22,7 @@ changed) is replayed under op-level tracing and the op that produced the first N
 from __future__ import annotations
 
 import math
+import operator
 import shlex
 import sys
 import time
@@ -353,7 +354,7 @@ class Watch(CaptureListener):
             named = self._named_params(optimizer)
             if self._huge_grads is not None and self._huge_grads[0] < step:
                 self._queue_state(optimizer, window, self._huge_grads[0])
-            grads = [(n, g) for n, g in ((n, p.grad) for n, p in named) if g is not None and g.layout == _STRIDED]
+            grads = [(n, g) for n, p in named if (g := p.grad) is not None and g.layout == _STRIDED]
             self._capture.grads_pending = None
             self._queue_grads(window, grads, step)
             if reason == "step" and self._weights_due(step - 1):
@@ -590,10 +591,16 @@ class Watch(CaptureListener):
             for step, (names, values) in grads.items():
                 sampled = self._health.is_sampling(step) and bool(self._health.every)
                 recorder.fingerprint(step, "grad", names, values, health=sampled)
-                total = math.sqrt(math.fsum(v * v for v in values)) if all(math.isfinite(v) for v in values) else (
-                    math.nan if any(math.isnan(v) for v in values) else math.inf)
+                # The norms are float32 values (at most 3.4e38): their squares cannot overflow a double, so the
+                # sum is finite exactly when every norm is.
+                squares = math.fsum(map(operator.mul, values, values))
+                if math.isfinite(squares):
+                    total = math.sqrt(squares)
+                    largest = max(values, default=0.0)
+                else:
+                    total = math.nan if any(math.isnan(v) for v in values) else math.inf
+                    largest = max((v for v in values if math.isfinite(v)), default=0.0)
                 recorder.step(step, loss=None, grad_norm=total, loss_scale=None, skipped=skipped)
-                largest = max((v for v in values if math.isfinite(v)), default=0.0)
                 if largest >= _HUGE_GRAD and not skipped:
                     self._huge_grads = (step, largest)
                     self._huge_abs[step] = largest
@@ -601,7 +608,7 @@ class Watch(CaptureListener):
                 if len(self._step_norms) > _RECENT_NORMS:
                     del self._step_norms[min(self._step_norms)]
             for step, (names, values) in weights.items():
-                if all(math.isfinite(v) for v in values):
+                if math.isfinite(math.fsum(values)):  # an Inf or NaN makes the sum non-finite; norms are >= 0
                     self._weights_clean = max(self._weights_clean, step)
                 if step >= 0:
                     sampled = self._health.is_sampling(step) and bool(self._health.every)

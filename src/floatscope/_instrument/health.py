@@ -32,29 +32,30 @@ _SATURATING = (torch.nn.Sigmoid, torch.nn.Tanh)
 _RECTIFIERS = (torch.nn.ReLU, torch.nn.ReLU6)
 _FP16_SMALLEST_SUBNORMAL = 2.0**-24
 FLUSH_SCALES = (1.0, 2.0**4, 2.0**8, 2.0**12, 2.0**16)
+_DTYPE_NAMES = {d: dtype_name(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 _CHUNK_ELEMENTS = 2**24  # stack at most this many elements at once (a sampling step's memory bound)
 _STACK_ELEMENTS = 2**20  # smaller groups of outputs are stacked and reduced together
 
 
 def _group_stats(outputs: list[torch.Tensor]) -> torch.Tensor:
-    """(k, 6) float32 for k same-size outputs: absmax, rms, zero_frac, nan, inf, below_normal_frac.
+    """(k, 6) float32 for k outputs of one shape: absmax, rms, zero_frac, nan, inf, below_normal_frac.
 
     Reductions only: max, min and the L2 norm (rms); NaN and Inf propagate into them, so a layer
     holding them shows as such (nan / inf is 1: present) without a pass of its own; a sampled layer
     that is non-finite is an incident anyway, whose operand statistics count them exactly. Small
     outputs are stacked and reduced together; large ones one by one (no copy). The zero and
     below-normal fractions, which matter for float16 and bfloat16 outputs, are measured only for
-    them (-1 otherwise: not measured).
+    them (-1 otherwise: not measured). Called under no_grad.
     """
     dtype = outputs[0].dtype
     n = outputs[0].numel()
     if n * len(outputs) <= _STACK_ELEMENTS or n < 4096:
-        s = torch.stack([o.detach().reshape(-1) for o in outputs])  # (k, n)
+        s = torch.stack(outputs).reshape(len(outputs), -1)  # (k, n): one copy, no per-output op
         high, low = s.amax(dim=1), s.amin(dim=1)
         l2 = torch.linalg.vector_norm(s, dim=1, dtype=torch.float32)
         parts = [s]
     else:
-        parts = [o.detach().reshape(1, -1) for o in outputs]
+        parts = [o.reshape(1, -1) for o in outputs]
         high = torch.stack([p.amax() for p in parts])
         low = torch.stack([p.amin() for p in parts])
         l2 = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in parts])
@@ -107,12 +108,14 @@ class HealthSampler:
         self._handle = register_module_forward_hook(self._hook)
 
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        # Called for every module of the sampled forward pass: the common case (a tensor output) first.
         name = self._names.get(id(module))
         if name is None:
             return
-        out = output if isinstance(output, torch.Tensor) else next(
-            (t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None)
-        if out is None or not out.is_floating_point() or out.numel() == 0 or id(out) in self._seen:
+        out = output if type(output) is torch.Tensor else (
+            output if isinstance(output, torch.Tensor) else
+            next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None))
+        if out is None or id(out) in self._seen or not out.is_floating_point() or out.numel() == 0:
             return  # a container returning its last child's tensor: measured once, under the child
         self._seen.add(id(out))
         inp = None
@@ -136,14 +139,14 @@ class HealthSampler:
         collected, self._collected, self._seen = self._collected, [], set()
         if not collected:
             return [], None
-        groups: dict[tuple[torch.device, torch.dtype, int], list[int]] = {}
+        groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
         for i, (_, _, out, _) in enumerate(collected):
-            groups.setdefault((out.device, out.dtype, out.numel()), []).append(i)
+            groups.setdefault((out.device, out.dtype, out.shape), []).append(i)
         device = collected[0][2].device
         with torch.no_grad():
             table = torch.full((len(collected), 8), -1.0, device=device)
-            for (_, _, numel), index in groups.items():
-                per_chunk = max(1, _CHUNK_ELEMENTS // max(numel, 1))
+            for (_, _, shape), index in groups.items():
+                per_chunk = max(1, _CHUNK_ELEMENTS // max(shape.numel(), 1))
                 for start in range(0, len(index), per_chunk):
                     part = index[start:start + per_chunk]
                     stats = _group_stats([collected[i][2] for i in part]).to(device)
@@ -151,20 +154,21 @@ class HealthSampler:
                         table[part[0]:part[-1] + 1, :6] = stats
                     else:
                         table[torch.tensor(part, device=device), :6] = stats
-            meta = []
-            for i, (name, module, out, inp) in enumerate(collected):
+            types, dtypes = self.types, _DTYPE_NAMES
+            meta = [(name, dtypes.get(out.dtype) or dtype_name(out.dtype), types.get(name) or type(module).__name__)
+                    for name, module, out, _ in collected]
+            for i, (_, module, out, inp) in enumerate(collected):
                 if inp is not None:
-                    table[i, 6] = (inp.detach().abs() > 5.0).float().mean().to(device)
+                    table[i, 6] = (inp.abs() > 5.0).float().mean().to(device)
                 if isinstance(module, _RECTIFIERS) and out.dim() >= 1 and out.shape[-1] > 0:
-                    table[i, 7] = (out.detach().reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
-                meta.append((name, dtype_name(out.dtype), self.types.get(name) or type(module).__name__))
+                    table[i, 7] = (out.reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
         return meta, table
 
     # ------------------------------------------------------------------ parameters
     def snapshot(self, params: list[torch.Tensor]) -> None:
         """Copy ``params`` before the optimizer step, for :meth:`after_step`'s update norms."""
-        with torch.no_grad():
-            self._snapshot = torch._foreach_mul([p.detach() for p in params], 1.0) if params else None
+        with torch.no_grad():  # no detach needed: nothing made under no_grad is tracked
+            self._snapshot = torch._foreach_mul(params, 1.0) if params else None
 
     def before_step(self, params: list[torch.Tensor], scale: torch.Tensor | None,
                     fp16: bool) -> torch.Tensor | None:
@@ -206,8 +210,11 @@ class HealthSampler:
         if snapshot is None or len(snapshot) != len(params):
             return None
         with torch.no_grad():
-            torch._foreach_sub_(snapshot, [p.detach() for p in params])
-            return torch.stack([n.float() for n in torch._foreach_norm(snapshot)])
+            torch._foreach_sub_(snapshot, params)
+            norms = torch._foreach_norm(snapshot)
+            if all(n.dtype == torch.float32 for n in norms):
+                return torch.stack(norms)
+            return torch.stack([n.float() for n in norms])
 
 
 ACTIVATION_RECORD = (*ACTIVATION_FIELDS, "headroom_bits", "dtype", "type")
