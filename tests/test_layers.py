@@ -2,11 +2,13 @@
 
 Layers, lowest first (a module may import its own layer and the ones below):
 
-    0  _errors, _results, _events      plain records and the error tree
+    0  _errors, _results, _events,     plain records, the error tree and the version
+       _version
     1  _numerics                       pure functions on tensors and formats
     2  _instrument, _store             hooks, modes, the channel and replayer; the SQLite store
     3  _diagnose                       interpretation: events and records -> diagnoses and findings
-    4  _engines                        orchestrators: watch, locate, precision, compare, determinism
+    4  _engines, _lint                 orchestrators: watch, locate, precision, compare, determinism,
+                                       gradcheck, target loading; the linter
     5  _report, _cli, public modules   what users call
 """
 
@@ -18,8 +20,8 @@ from pathlib import Path
 import floatscope
 
 PACKAGE = Path(floatscope.__file__).parent
-LAYER = {"_errors": 0, "_results": 0, "_events": 0, "_numerics": 1, "_instrument": 2, "_store": 2,
-         "_diagnose": 3, "_engines": 4, "_report": 5, "_cli": 5, "examples": 5}
+LAYER = {"_errors": 0, "_results": 0, "_events": 0, "_version": 0, "_numerics": 1, "_instrument": 2, "_store": 2,
+         "_diagnose": 3, "_engines": 4, "_lint": 4, "_report": 5, "_cli": 5, "examples": 5}
 # Same-layer imports that are not allowed: instruments and the store do not know each other.
 FORBIDDEN = {("_instrument", "_store"), ("_store", "_instrument")}
 

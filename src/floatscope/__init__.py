@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from floatscope._version import __version__ as __version__
 
 from floatscope._errors import FloatscopeError, NonFiniteError, StoreError, UsageError
 from floatscope._engines.locate import locate

@@ -7,7 +7,7 @@ import math
 from typing import Any
 
 from floatscope._cli.render import console, fmt_num, write_json
-from floatscope._cli.target import load_target
+from floatscope._engines.target import load_target
 from floatscope._errors import UsageError
 
 __all__ = ["add_parser"]

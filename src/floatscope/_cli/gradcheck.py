@@ -33,7 +33,7 @@ def add_parser(sub: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from floatscope._cli.target import load_callable_target
+    from floatscope._engines.target import load_callable_target
     from floatscope._engines.gradcheck import gradcheck
 
     fn, inputs = load_callable_target(args.target)

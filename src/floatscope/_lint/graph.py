@@ -41,7 +41,7 @@ def lint_target(target: str) -> tuple[list[Finding], list[str]]:
     """Graph findings of ``file.py:factory`` and notes (why no graph could be made)."""
     import torch
 
-    from floatscope._cli.target import load_target
+    from floatscope._engines.target import load_target
 
     path_text = target.rpartition(":")[0]
     model, inputs = load_target(target)

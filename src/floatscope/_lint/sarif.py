@@ -23,7 +23,7 @@ def to_sarif(result: LintResult) -> dict[str, Any]:
         >>> log["version"], log["runs"][0]["results"][0]["ruleId"]
         ('2.1.0', 'FS110')
     """
-    from floatscope import __version__
+    from floatscope._version import __version__
 
     rules = list(RULES.values())
     index = {rule.id: i for i, rule in enumerate(rules)}
