@@ -226,6 +226,17 @@ def test_error_compounding_in_a_long_recurrent_loop():
     assert rec.tolerance_met and rec.keep_fp32 and all(k.startswith("cell") for k in rec.keep_fp32)
 
 
+def test_growth_is_described_as_flat_when_the_fit_barely_changes_the_error():
+    from floatscope._engines.precision import _fit
+
+    flat = _fit("lstm", [1e-3 * (1 + 0.01 * ((-1) ** t)) for t in range(50)])
+    assert flat.describe() == "flat"
+    grows = _fit("lstm", [1e-4 * 1.1 ** t for t in range(50)])
+    assert grows.model == "exponential" and grows.describe() == "x1.1 per step (exponential)"
+    line = _fit("lstm", [1e-4 + 1e-5 * t for t in range(50)])
+    assert line.model == "linear" and line.describe() == "+1e-05 per step (linear)"
+
+
 def test_a_benign_model_flags_nothing():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.GELU(),

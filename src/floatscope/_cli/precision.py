@@ -75,7 +75,7 @@ def _print(result: Any, out: Any, top: int) -> None:
         out.print("[green]nothing flagged[/]")
     for acc in result.accumulations[:3]:
         out.print(f"error over {len(acc.error)} time steps in '{acc.module or '<output>'}': {fmt_num(acc.error[0])} -> "
-                  f"{fmt_num(acc.error[-1])}, {acc.model} growth {fmt_num(acc.growth_per_step)} per step")
+                  f"{fmt_num(acc.error[-1])}, {acc.describe()}")
     rec = result.recommendation
     if rec is not None:
         verdict = "[green]meets[/]" if rec.tolerance_met else "[red]does not meet[/]"

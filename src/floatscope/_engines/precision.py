@@ -108,6 +108,23 @@ class Accumulation:
     growth_per_step: float
     model: Literal["linear", "exponential"]
 
+    def describe(self) -> str:
+        """The fitted growth in words: ``"x1.08 per step (exponential)"``, ``"+2.1e-05 per step
+        (linear)"``, or ``"flat"`` when the fit changes the error by under 25% over the sequence."""
+        steps = max(len(self.error) - 1, 1)
+        finite = [e for e in self.error if math.isfinite(e)]
+        if not math.isfinite(self.growth_per_step) or not finite:
+            return "no fit (too few finite steps)"
+        if self.model == "exponential":
+            total = self.growth_per_step ** steps
+            if 0.8 <= total <= 1.25:
+                return "flat"
+            return f"x{self.growth_per_step:.4g} per step (exponential)"
+        mean = sum(finite) / len(finite)
+        if mean > 0 and abs(self.growth_per_step) * steps < 0.25 * mean:
+            return "flat"
+        return f"{self.growth_per_step:+.3g} per step (linear)"
+
 
 @dataclass(frozen=True)
 class Recommendation:

@@ -86,7 +86,7 @@ def write_precision_report(result: PrecisionResult, path: str | Path) -> Path:
         fig = go.Figure()
         for acc in result.accumulations:
             label = acc.module or "<output>"
-            fig.add_scatter(name=f"{label} ({acc.model}, {acc.growth_per_step:.3g}/step)",
+            fig.add_scatter(name=f"{label} ({acc.describe()})",
                             y=finite_or_none(acc.error), mode="lines")
         fig.update_layout(xaxis_title="time step", yaxis_title="relative error (log scale)", yaxis_type="log",
                           height=420, yaxis_exponentformat="power")
