@@ -75,6 +75,28 @@ UNSTABLE = [
     ("s = s.to(torch.float16)\ns = s.masked_fill(m, -1e9)", "FS203", 2, None),
     ("h = torch.zeros(3, dtype=torch.half)\ny = h * 1e5", "FS204", 2, None),
     ("net = nn.Linear(2, 2).half()\nopt = torch.optim.Adam(net.parameters())", "FS202", 2, None),
+    # a subtraction or a minus is a shift only when it is the max of the same tensor, or keeps the argument <= 0
+    ("w = torch.exp(-s)\ny = w / w.sum(-1, keepdim=True)", "FS106", 1, None),
+    ("e = torch.exp(z - b)\ny = e / e.sum(-1, keepdim=True)", "FS106", 1, None),
+    ("y = -torch.log(torch.exp(-s).sum(-1))", "FS107", 1, "torch.logsumexp(-s, -1)"),
+    ("y = torch.log(torch.exp(z - 1.0).sum(-1))", "FS107", 1, "torch.logsumexp(z - 1.0, -1)"),
+    ("y = torch.log(1 + torch.exp(-t * (x @ a)))", "FS116", 1, None),
+    ("y = (1 + (-a * t).exp()).log()", "FS116", 1, None),
+    ("y = torch.log1p(torch.exp(-a * t))", "FS116", 1, None),
+    ("y = torch.log(1 + torch.exp(z - 0.5))", "FS116", 1, None),
+    ("y = torch.exp(s) / torch.exp(s).sum(-1, True)", "FS106", 1, "torch.softmax(s, dim=-1)"),
+    # picking the targets' probabilities: diag (CLIP, InfoNCE), diagonal, boolean indexing
+    ("p = z.softmax(1)\ny = -torch.log(p.diag())", "FS102", 2, None),
+    ("p = z.softmax(1)\ny = -p.diag().log()", "FS102", 2, None),
+    ("p = z.softmax(1)\ny = torch.log(torch.diagonal(p))", "FS102", 2, None),
+    ("p = F.softmax(z, 1)\ny = torch.log(p[t == 1])", "FS102", 2, None),
+    ("s = s.half()\ns = s.masked_fill(m, float(\"-1e9\"))", "FS203", 2, None),
+    ("s = s.half()\ns = s.masked_fill(m, -float(\"1e9\"))", "FS203", 2, None),
+    ("if (p := F.softmax(z, -1)) is not None:\n    y = torch.log(p)", "FS101", 2, None),
+    ("a = torch.acos(torch.clamp(c, -1.0, 1.0))", "FS115", 1, None),
+    ("a = torch.acos(F.cosine_similarity(u, v).clamp(-1, 1))", "FS115", 1, None),
+    ("a = torch.sum(u * v, -1) / (u.norm(dim=-1) * v.norm(dim=-1))", "FS112", 1, None),
+    ("p = F.softmax(z, dim=-1)\nh = -(p * torch.log(p)).sum(-1)", "FS101", 2, None),
 ]
 
 SAFE = [
@@ -112,7 +134,7 @@ SAFE = [
     "y = x / torch.sqrt(x.var(0) + 1e-5)",
     "y = torch.rsqrt(var + eps)",
     "a = torch.acos(torch.clamp(c, -1 + 1e-7, 1 - 1e-7))",
-    "a = torch.acos(F.cosine_similarity(u, v).clamp(-1, 1))",
+    "a = np.arccos(np.clip(c, -1.0, 1.0))",  # numpy: no gradient to guard
     "a = torch.acos(torch.tensor(0.5))",
     "s = s.half()\ns = s.masked_fill(m, torch.finfo(s.dtype).min)",
     "s = s.masked_fill(m, -1e9)",
@@ -120,6 +142,33 @@ SAFE = [
     "x = x.half()\ny = x + 1e-3",
     "net = nn.Linear(2, 2).half()\nopt = torch.optim.Adam(net.parameters(), eps=1e-4)",
     "net = nn.Linear(2, 2)\nopt = torch.optim.Adam(net.parameters())",
+    # max-subtracted of the same tensor, or an argument that is never positive
+    "k = torch.exp(-d2 / (2 * sigma ** 2))\ny = k / k.sum(-1, keepdim=True)",
+    "d2 = ((a - b) ** 2).sum(-1)\nk = torch.exp(-gamma * d2)\ny = k / k.sum(-1, keepdim=True)",
+    "k = torch.exp(-torch.cdist(a, b).pow(2) / t)\ny = k / k.sum(-1, keepdim=True)",
+    "y = torch.log1p(torch.exp(-x.abs()))",
+    "y = torch.log1p(torch.exp(-F.softplus(x)))",
+    "y = torch.log1p(torch.exp(-torch.relu(x)))",
+    "y = torch.log(torch.exp(-0.5 * ((t - a) / b) ** 2 - s.abs()).sum(-1) + 1e-12)",
+    "m, _ = s.max(-1, keepdim=True)\ne = torch.exp(s - m)\ny = e / e.sum(-1, keepdim=True)",
+    "e = torch.exp(s - s.max(-1, keepdim=True)[0])\ny = e / e.sum(-1, keepdim=True)",
+    "e = torch.exp(s - torch.max(s, -1, keepdim=True).values)\ny = e / e.sum(-1, keepdim=True)",
+    "e = torch.exp(s - s.amax(-1, keepdim=True).detach())\ny = e / e.sum(-1, keepdim=True)",
+    "s = s - s.amax(-1, keepdim=True)\ne = s.exp()\ny = e / e.sum(-1, keepdim=True)",
+    "y = torch.log(torch.exp(s - torch.logsumexp(s, -1, keepdim=True)).sum(-1))",
+    "e = np.exp(z - np.max(z, axis=-1, keepdims=True))\ny = e / e.sum(axis=-1, keepdims=True)",
+    "s = s.half()\ns = s.masked_fill(m, float(\"-inf\"))",
+    "p = F.softmax(z, -1)\nq = F.softmax(w, -1)\nkl = (p * (torch.log(p + 1e-8) - torch.log(q + 1e-8))).sum(-1)",
+    # same-function guards on the denominator
+    "def f(x):\n    n = x.norm()\n    if n == 0:\n        return x\n    return x / n",
+    "def f(x):\n    n = x.sum()\n    if n.item() == 0:\n        raise ValueError('empty')\n    return x / n",
+    "def f(xs):\n    for x in xs:\n        n = x.norm()\n        if n < 1e-12:\n            continue\n        x = x / n",
+    "def f(x):\n    n = x.sum()\n    if n > 0:\n        x = x / n\n    return x",
+    "def f(x):\n    std = x.std(0)\n    std[std == 0] = 1.0\n    return (x - x.mean(0)) / std",
+    "def f(x):\n    std = x.std(0)\n    std = std.clamp_min(1e-6)\n    return x / std",
+    "def f(x):\n    std = x.std(0)\n    std.masked_fill_(std == 0, 1)\n    return x / std",
+    "def f(x):\n    std = x.std(0)\n    std = torch.where(std == 0, torch.ones_like(std), std)\n    return x / std",
+    "def iou(inter, a, b):\n    union = (a + b).sum()\n    if union == 0:\n        return 0.0\n    return inter / union",
 ]
 
 
@@ -395,3 +444,170 @@ def test_import_floatscope_stays_light():
            "sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.split() == ["False", "False"], proc.stderr
+
+
+def test_fix_never_keeps_an_overflow_softplus_is_a_suggestion(tmp_path):
+    """log(1 + exp(-i * t)) is FS116, not an FS110 whose log1p(exp(...)) rewrite keeps the overflow."""
+    source = textwrap.dedent("""\
+        import torch
+
+
+        def softmargin(i, t):
+            return (1 + (-i * t).exp()).log()
+
+
+        def softmargin2(i, t):
+            return torch.log(1 + torch.exp(-i * t))
+
+
+        def scaled(x):
+            return torch.log(1 + 2 * torch.exp(x))
+        """)
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    result = lint_paths([str(path)], fix=True, config=False)
+    assert result.fixed == 0 and path.read_text() == source
+    assert [(f.rule, f.line, f.autofixable) for f in result.findings] == [
+        ("FS116", 5, False), ("FS116", 9, False), ("FS110", 13, False)]
+    assert result.findings[0].fix == "torch.nn.functional.softplus(-i * t)"
+    assert "overflows" in result.findings[2].message and "not applied by --fix" in result.findings[2].message
+    path.write_text("import torch\ny = torch.log1p(torch.exp(-i * t))\n")  # what the old FS110 fix wrote
+    assert [f.rule for f in lint_paths([str(path)], config=False).findings] == ["FS116"]
+
+
+@pytest.mark.parametrize(("code", "why"), [
+    ("y = torch.exp(z) / torch.exp(z).sum((0, 1), keepdim=True)", "softmax takes one dim"),
+    ("d = (0, 1)\ny = torch.exp(z) / torch.exp(z).sum(dim=d, keepdim=True)", "a name bound to a tuple"),
+    ("y = torch.exp(z) / torch.exp(z).sum([0, 1], keepdim=True)", "a list of dims"),
+    ("y = torch.exp(z) / torch.exp(z).sum(-1)", "no keepdim: the division broadcasts differently"),
+    ("y = torch.log(1 + z, out=o)", "out= would be dropped"),
+    ("y = torch.exp(z, out=o) - 1", "out= would be dropped"),
+])
+def test_fix_leaves_argument_shapes_it_cannot_keep_as_suggestions(tmp_path, code, why):
+    path = tmp_path / "m.py"
+    path.write_text("import torch\n" + code + "\n")
+    result = lint_paths([str(path)], fix=True, config=False)
+    assert result.fixed == 0 and path.read_text() == "import torch\n" + code + "\n", why
+    assert result.findings and not any(f.autofixable for f in result.findings), why
+
+
+def test_softmax_fix_with_a_tuple_of_dims_suggests_code_that_runs():
+    import torch
+
+    f = findings("y = torch.exp(z) / torch.exp(z).sum((0, 1), keepdim=True)")[0]
+    assert f.rule == "FS106" and not f.autofixable and "dim=(0, 1)" in f.fix and "softmax(z, dim=(0, 1))" not in f.fix
+    z = torch.randn(2, 3, 4, dtype=torch.float64)
+    names = {"torch": torch, "z": z}
+    first, second = f.fix.split("; ")
+    exec(first, names)
+    torch.testing.assert_close(eval(second, names), torch.exp(z) / torch.exp(z).sum((0, 1), keepdim=True))
+
+
+def test_fix_keeps_comments_inside_a_multiline_call(tmp_path):
+    source = "import torch\nw = torch.log(\n    1 + x  # inner comment\n)\nv = torch.log(1 + x)  # after\n"
+    path = tmp_path / "m.py"
+    path.write_text(source)
+    result = lint_paths([str(path)], fix=True, config=False)
+    assert path.read_text() == source.replace("torch.log(1 + x)  # after", "torch.log1p(x)  # after")
+    assert result.fixed == 1
+    [left] = result.findings
+    assert (left.rule, left.line, left.autofixable, left.fix) == ("FS110", 2, False, "torch.log1p(x)")
+    assert "#" not in left.message and "inner comment" not in left.message
+    assert left.message.startswith("torch.log( 1 + x ):") and "comment inside" in left.message
+    from floatscope._lint.fix import apply_edits
+    from floatscope._lint.results import Edit
+
+    # an edit over a span with a comment is refused by the rewriter too, not only by the rules
+    assert apply_edits(source, [Edit(2, 4, 4, 1, "torch.log1p(x)")]) == (source, 0)
+
+
+def test_suggestions_use_the_library_and_the_dim_in_the_code():
+    found = lint_source("import numpy as np\ne = np.exp(z)\np = e / e.sum(axis=-1, keepdims=True)\n"
+                        "y = np.log(p)\n").findings
+    assert [(f.rule, f.fix) for f in found] == [
+        ("FS106", "scipy.special.softmax(z, axis=-1), or e = np.exp(z - z.max(axis=-1, keepdims=True)); "
+                  "e / e.sum(axis=-1, keepdims=True)"),
+        ("FS101", "scipy.special.log_softmax(z, axis=-1)")]
+    assert not any("F." in f.fix or "torch" in f.fix for f in found)
+    found = lint_source("import numpy as np\ne = np.exp(z)\np = e / e.sum(1, keepdims=True)\n"
+                        "y = -np.log(p[np.arange(4), t])\n").findings
+    assert found[1].rule == "FS102" and found[1].fix.startswith("scipy.special.log_softmax(z, axis=1)")
+    assert "cross_entropy" not in found[1].message
+    code = """
+    e = torch.exp(s)
+    w = e / e.sum(2, keepdim=True)
+    y = torch.log(w)
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.sm = nn.Softmax(dim=1)
+
+        def forward(self, x):
+            return torch.log(self.sm(x))
+    """
+    assert [(f.rule, f.fix) for f in findings(code)] == [("FS106", "torch.softmax(s, dim=2)"),
+                                                         ("FS101", "F.log_softmax(s, dim=2)"),
+                                                         ("FS101", "F.log_softmax(x, dim=1)")]
+    assert not any("..." in (f.fix or "") for f in findings(code))
+
+
+def test_entropy_of_a_softmax_is_fs101_with_an_entropy_rewrite():
+    [f] = findings("p = F.softmax(z, dim=-1)\nh = -(p * torch.log(p)).sum(-1)")
+    assert f.rule == "FS101" and "entropy" in f.message and "target" not in f.message
+    assert "F.log_softmax(z, dim=-1)" in f.fix and "Categorical(logits=z).entropy()" in f.fix
+    # p * log(q) with q another softmax is not an entropy: targets times log-probabilities
+    [g] = findings("p = F.softmax(z, dim=-1)\nq = F.softmax(w, dim=-1)\nh = -(p * torch.log(q)).sum(-1)")
+    assert g.rule == "FS102"
+
+
+def test_acos_of_a_clamp_at_one_says_the_clamp_must_be_inside():
+    [f] = findings("a = torch.acos(torch.clamp(c, -1.0, 1.0))")
+    assert "strictly inside (-1, 1)" in f.message and "gradient" in f.message
+    assert f.fix.startswith("torch.acos(c.clamp(-1 + 1e-7, 1 - 1e-7))")
+    assert findings("a = torch.acos(torch.clamp(c, -0.999999, 0.999999))") == ()
+
+
+def test_division_message_says_inf_when_the_numerator_is_another_tensor():
+    same = findings("y = x / x.norm(dim=-1, keepdim=True)")[0].message
+    assert "0 / 0 = NaN in the forward" in same and "inf" not in same
+    other = findings("n = mask.sum()\nloss = total / n")[0].message
+    assert "0 / 0 = NaN (or x / 0 = inf)" in other
+
+
+def test_guards_only_cover_the_name_they_check():
+    assert rules("def f(x, m):\n    n = x.norm()\n    if m == 0:\n        return x\n    return x / n") == [
+        ("FS112", 5)]
+    assert rules("def f(x):\n    n = x.norm()\n    if n == 0:\n        print(n)\n    return x / n") == [("FS112", 5)]
+    assert rules("def f(x):\n    n = x.norm()\n    if n == 0:\n        return x\n    n = x.sum()\n"
+                 "    return x / n") == [("FS112", 6)]  # rebound after the guard
+    assert rules("def f(x):\n    n = x.norm()\n    if n == 0:\n        return x\n\n\ndef g(x):\n    n = x.norm()\n"
+                 "    return x / n") == [("FS112", 9)]  # another function
+
+
+def test_pyproject_select_as_a_string(tmp_path, capsys):
+    (tmp_path / "a.py").write_text("import torch\ny = torch.log(1 + x)\nz = torch.exp(x) - 1\nd = x / x.norm()\n")
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nselect = "FS110"\n')
+    assert {f.rule for f in lint_paths([str(tmp_path)]).findings} == {"FS110"}
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nselect = "FS110, FS111"\n')
+    assert {f.rule for f in lint_paths([str(tmp_path)]).findings} == {"FS110", "FS111"}
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nselect = ""\n')
+    assert cli(["lint", str(tmp_path)]) == 2
+    assert "select is empty" in capsys.readouterr().err
+    (tmp_path / "pyproject.toml").write_text('[tool.floatscope.lint]\nselect = "FS9"\n')
+    assert cli(["lint", str(tmp_path)]) == 2
+    assert "FS9" in capsys.readouterr().err
+
+
+def test_sarif_uris_are_repository_relative(tmp_path, monkeypatch):
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "bad.py").write_text("import torch\ny = torch.log(1 + x)\n")
+    monkeypatch.chdir(tmp_path)
+    run = to_sarif(lint_paths([str(tmp_path / "pkg")], config=False))["runs"][0]
+    location = run["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]
+    assert location == {"uri": "pkg/bad.py", "uriBaseId": "%SRCROOT%"}
+    assert run["originalUriBaseIds"]["%SRCROOT%"]["uri"] == tmp_path.resolve().as_uri() + "/"
+    assert run["results"][0]["fixes"][0]["artifactChanges"][0]["artifactLocation"] == location
+    monkeypatch.chdir(tmp_path / "pkg")
+    outside = to_sarif(lint_source("import torch\ny = torch.log(1 + x)\n", str(tmp_path / "elsewhere.py")))
+    uri = outside["runs"][0]["results"][0]["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+    assert uri == (tmp_path / "elsewhere.py").as_uri()

@@ -120,3 +120,29 @@ def test_bad_targets_are_usage_errors(tmp_path, capsys):
     assert "no callable 'nothere'" in capsys.readouterr().err
     assert cli(["lint", f"{tmp_path / 'absent.py'}:make"]) == 2
     assert "no such file or folder" in capsys.readouterr().err
+
+
+def test_graph_findings_in_another_file_are_relative_and_counted(tmp_path, monkeypatch, capsys):
+    """The factory's file imports the model from a second file: its findings are shown relative to the current
+    directory like the source findings, in JSON, text and SARIF, and that file counts as one of the files."""
+    (tmp_path / "net.py").write_text(MODEL.split("\n\ndef make_half")[0] + "\n")
+    (tmp_path / "factories.py").write_text(textwrap.dedent('''\
+        import torch
+        from net import Block
+
+
+        def make():
+            return Block().half(), (torch.randn(2, 4, 8).half(), torch.zeros(2, 4, 4, dtype=torch.bool))
+        '''))
+    monkeypatch.chdir(tmp_path)
+    assert cli(["lint", "--no-config", "--format", "json", "factories.py:make"]) == 1
+    data = json.loads(capsys.readouterr().out)
+    assert [(d["file"], d["rule"], d["line"]) for d in data["findings"]] == [
+        ("net.py", "FS201", line("eps line")), ("net.py", "FS203", line("mask line"))]
+    assert data["files"] == 2
+    assert cli(["lint", "--no-config", "factories.py:make"]) == 1
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].startswith(f"net.py:{line('eps line')}:") and "in 2 files" in out
+    assert cli(["lint", "--no-config", "--format", "sarif", "factories.py:make"]) == 1
+    results = json.loads(capsys.readouterr().out)["runs"][0]["results"]
+    assert {r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"] for r in results} == {"net.py"}

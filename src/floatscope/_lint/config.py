@@ -87,12 +87,15 @@ def find_config(start: Path) -> LintConfig:
             value = table.get(key)
             if value is None:
                 continue
-            if isinstance(value, str):
-                value = [value]
+            if isinstance(value, str):  # select = "FS1,FS2": a string is read as the CLI reads --select
+                value = [v.strip() for v in value.split(",") if v.strip()]
             if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
                 raise UsageError(f"{path}: [tool.floatscope.lint] {key} must be a list of strings")
             values[key] = tuple(value)
         select = check_codes(values["select"], f"{path}: select") if "select" in values else None
+        if select == ():
+            raise UsageError(f"{path}: [tool.floatscope.lint] select is empty, so no rule would run; remove it to "
+                             f"run every rule")
         ignore = check_codes(values.get("ignore", ()), f"{path}: ignore")
         return LintConfig(select=select, ignore=ignore, exclude=values.get("exclude", ()), root=candidate)
     return LintConfig()

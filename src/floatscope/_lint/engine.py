@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -144,6 +145,7 @@ def lint_paths(paths: Sequence[str], *, select: Sequence[str] | None = None, ign
         have = {(f.rule, Path(f.file).resolve(), f.line) for f in findings}
         ignored_by_file: dict[Path, dict[int, set[str] | None]] = {}
         for f in graph_findings:
+            f = replace(f, file=_display(f.file))  # the graph's frames are absolute: show them as the sources
             where = Path(f.file).resolve()
             if (f.rule, where, f.line) in have:
                 continue
@@ -156,7 +158,19 @@ def lint_paths(paths: Sequence[str], *, select: Sequence[str] | None = None, ign
                 findings.append(f)
                 have.add((f.rule, where, f.line))
     findings.sort(key=lambda f: (f.file, f.line, f.col, f.rule))
+    seen |= {Path(f.file).resolve() for f in findings}  # a graph finding can point at a file not given
     return LintResult(tuple(findings), len(seen), fixed, tuple(notes))
+
+
+def _display(file: str) -> str:
+    """A path relative to the current directory when it lies under it (as given paths are), else as it is."""
+    path = Path(file)
+    if not path.is_absolute():
+        return file
+    try:
+        return path.relative_to(Path.cwd()).as_posix() if path.is_relative_to(Path.cwd()) else file
+    except (ValueError, OSError):
+        return file
 
 
 def _lint_file(path: Path, shown: str, select: tuple[str, ...] | None, ignore: tuple[str, ...],

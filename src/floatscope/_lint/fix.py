@@ -12,7 +12,8 @@ def apply_edits(source: str, edits: list[Edit]) -> tuple[str, int]:
     """The source with each edit's expression replaced, and how many were applied.
 
     Edits that overlap an applied one are left for the next pass (the caller lints again). Parentheses around a
-    replaced expression, comments and whitespace are kept, since libcst owns them, not the expression.
+    replaced expression, comments and whitespace around it are kept, since libcst owns them, not the expression;
+    an expression with a comment inside is not replaced (the comment would go with it).
     """
     try:
         import libcst as cst
@@ -37,7 +38,7 @@ def apply_edits(source: str, edits: list[Edit]) -> tuple[str, int]:
                 return updated
             span = (where.start.line, where.start.column, where.end.line, where.end.column)
             edit = by_span.get(span)
-            if edit is None or overlaps(span):
+            if edit is None or overlaps(span) or _has_comment(wrapper.module.code_for_node(original)):
                 return updated
             try:
                 new = cst.parse_expression(edit.text)
@@ -50,3 +51,15 @@ def apply_edits(source: str, edits: list[Edit]) -> tuple[str, int]:
 
     module = wrapper.module.visit(Rewriter())
     return module.code, len(applied)
+
+
+def _has_comment(code: str) -> bool:
+    if "#" not in code:
+        return False
+    import io
+    import tokenize
+
+    try:
+        return any(tok.type == tokenize.COMMENT for tok in tokenize.generate_tokens(io.StringIO(code).readline))
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return True  # cannot tell: keep the code as it is

@@ -46,7 +46,8 @@ _TABLE = (
          "or 17.3 (float16); log(0) = -inf and its gradient is NaN",
          "log_softmax(z, dim)", "some"),
     Rule("FS102", "cross-entropy-from-probabilities", "error",
-         "nll_loss(log(p)), -log(p[i, y]) or -(y * log(p)).sum() with p = softmax(z)",
+         "nll_loss(log(p)), -log(p[i, y]), -log(p.gather(1, y)), -log(p.diag()) or -(y * log(p)).sum() with "
+         "p = softmax(z)",
          "the same underflow as FS101: one confident wrong prediction makes the loss inf and every gradient NaN",
          "F.cross_entropy(z, y) on the logits", "some"),
     Rule("FS103", "log-of-sigmoid", "error", "log(sigmoid(z))",
@@ -83,8 +84,8 @@ _TABLE = (
          "is eps / |x| for small x",
          "expm1(x)", "yes"),
     Rule("FS112", "division-without-epsilon", "error", "x / x.norm(), x / x.std(), x / x.sum() with no epsilon",
-         "an all-zero row (padding, a dead feature, an empty mask) has norm, std or sum 0, and 0 / 0 = NaN in the "
-         "forward and the backward",
+         "an all-zero row (padding, a dead feature, an empty mask) has norm, std or sum 0, and 0 / 0 = NaN (or "
+         "x / 0 = inf) in the forward and the backward",
          "F.normalize(x, dim) or x / x.norm(dim, keepdim=True).clamp_min(eps); x / (x.std(dim) + eps); "
          "x / x.sum().clamp_min(eps)", "no"),
     Rule("FS113", "sqrt-of-squared-distance", "error", "sqrt(((a - b) ** 2).sum(-1))",
@@ -95,9 +96,11 @@ _TABLE = (
          "a constant feature (or one that flushes below 6e-8 in float16) has variance 0; 1 / sqrt(0) = inf and "
          "normalising gives 0 * inf = NaN",
          "torch.rsqrt(var + eps) with eps = 1e-5 (LayerNorm's default)", "no"),
-    Rule("FS115", "acos-without-clamp", "error", "acos(cosine_similarity(a, b)), asin(dot(u, v) / (|u| |v|))",
+    Rule("FS115", "acos-without-clamp", "error",
+         "acos(cosine_similarity(a, b)), asin(dot(u, v) / (|u| |v|)), acos(c.clamp(-1, 1))",
          "rounding puts a cosine of parallel vectors at 1.0000001, and acos of it is NaN; the gradient "
-         "-1 / sqrt(1 - c**2) is infinite at c = +-1",
+         "-1 / sqrt(1 - c**2) is infinite at c = +-1, so a clamp exactly at +-1 keeps the forward but not the "
+         "backward",
          "acos(c.clamp(-1 + 1e-7, 1 - 1e-7)), or atan2(|a x b|, a . b) for the angle", "no"),
     Rule("FS116", "naive-softplus", "error", "log(1 + exp(x))",
          "exp overflows above 88.7 (float32) or 11.1 (float16), so the result is inf where it should be about x",

@@ -9,6 +9,7 @@ aliases (``import torch.nn.functional as F``, ``from torch import log``), module
 from __future__ import annotations
 
 import ast
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -45,6 +46,18 @@ _OPTIMIZER_EPS = {"Adam": 1e-8, "AdamW": 1e-8, "RMSprop": 1e-8, "Adamax": 1e-8, 
 _CREATION = {"zeros", "ones", "empty", "full", "rand", "randn", "randint", "arange", "linspace", "logspace", "eye",
              "zeros_like", "ones_like", "empty_like", "full_like", "rand_like", "randn_like", "normal", "random"}
 _IGNORE = re.compile(r"#\s*floatscope:\s*ignore(?:\[([A-Za-z0-9_,\s]+)\])?")
+# Calls that pick entries of a tensor: applied to probabilities, they pick the target's probability (FS102).
+_PICK = {"gather", "take_along_dim", "index_select", "diag", "diagonal", "take", "masked_select"}
+# Calls whose result is never negative, whatever the argument.
+_NONNEG_CALLS = {"abs", "norm", "relu", "relu6", "softplus", "sigmoid", "exp", "sqrt", "cdist", "pdist", "square",
+                 "softmax", "var", "std", "hardsigmoid", "cosh", "matrix_norm"}
+# Names that hold a distance or a square by convention (the kernel's ``exp(-d2 / s)``).
+_NONNEG_NAME = re.compile(r"(?i)(d2|r2|dist\w*|\w*_dist\w*|sq\w*|\w*_sq|\w*squared\w*|\w*norm\w*)")
+# In-place methods after which a name no longer holds what it was bound to (std.clamp_(min=eps)).
+_IN_PLACE = {"masked_fill_", "clamp_", "clamp_min_", "clamp_max_", "add_", "sub_", "mul_", "div_", "copy_", "fill_",
+             "zero_", "nan_to_num_", "index_fill_", "masked_scatter_", "index_put_", "put_", "scatter_"}
+# Calls that return (values, indices): ``m, _ = x.max(dim)`` binds m to the values.
+_PAIRS = {"max", "min", "sort", "topk", "kthvalue", "median", "mode", "aminmax"}
 
 
 @dataclass
@@ -55,6 +68,10 @@ class _Call:
     family: str  # torch, numpy, math, scipy, jax, method (x.op()), module (nn.Softmax()(x)), builtin
     operand: ast.expr | None
     node: ast.Call
+    # A module call (nn.Softmax(dim=1)(x)): its constructor; a hand-written softmax: the sum it divides by.
+    source: ast.Call | None = None
+    # A hand-written softmax: the family of its exp (torch, numpy, ...), which says which library to suggest.
+    library: str = ""
 
 
 @dataclass
@@ -62,6 +79,8 @@ class _Scope:
     env: Env
     dtypes: dict[str, str] = field(default_factory=dict)
     self_attrs: dict[str, ast.expr] = field(default_factory=dict)
+    # Expressions checked against 0 on the way here (``if n == 0: return``): ast.dump -> the names in it.
+    guarded: dict[str, frozenset[str]] = field(default_factory=dict)
 
 
 class _Analyzer:
@@ -74,6 +93,7 @@ class _Analyzer:
         self.claimed: dict[tuple[int, int], set[str]] = {}  # node position -> rules that replace a weaker one
         self.imports_torch = False
         self.imports_numpy = False
+        self.comments: list[tuple[int, int]] | None = None  # (line, char column) of each comment, read on demand
 
     # ---- names -------------------------------------------------------------------------------------------
 
@@ -115,11 +135,13 @@ class _Analyzer:
 
     def resolve(self, node: ast.expr, env: Env, depth: int = 0) -> tuple[ast.expr, Env]:
         """Follow names to the expression bound to them."""
-        while isinstance(node, ast.Name) and depth < 20:
-            bound = env.get(node.id)
-            if bound is None:
+        while depth < 20:
+            if isinstance(node, ast.NamedExpr):  # (p := softmax(z)) is the softmax
+                node = node.value
+            elif isinstance(node, ast.Name) and env.get(node.id) is not None:
+                node, env = env[node.id]  # type: ignore[misc]
+            else:
                 break
-            node, env = bound
             depth += 1
         return node, env
 
@@ -175,7 +197,7 @@ class _Analyzer:
             q = self.qual(ctor.func) or ""
             name = q.rsplit(".", 1)[-1]
             if q.startswith("torch.nn.") and name in _MODULES:
-                return _Call(_MODULES[name], "module", first, node)
+                return _Call(_MODULES[name], "module", first, node, source=ctor)
         return None
 
     def op(self, node: ast.expr, env: Env, scope: _Scope, *ops: str, strip: bool = True) -> _Call | None:
@@ -202,7 +224,9 @@ class _Analyzer:
         if q in ("math.pi", "math.e", "numpy.pi", "numpy.e", "torch.pi"):
             return True
         if isinstance(node, ast.Call):
-            q = self.qual(node.func) or ""
+            if self.number(node, env) is not None:  # float("1e-9")
+                return True
+            q = self.qual(node.func) or self.builtin(node.func, env) or ""
             if q in ("torch.tensor", "torch.as_tensor", "numpy.array", "numpy.float32", "numpy.float64", "float"):
                 return bool(node.args) and self.is_constant(node.args[0], env, depth + 1)
             name = q.rsplit(".", 1)[-1]
@@ -218,13 +242,22 @@ class _Analyzer:
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             value = self.number(node.operand, env)
             return None if value is None else (-value if isinstance(node.op, ast.USub) else value)
-        if isinstance(node, ast.Call) and (self.qual(node.func) or "") == "float" and node.args:
+        if isinstance(node, ast.Call) and (self.qual(node.func) or self.builtin(node.func, env)) in (
+                "float", "numpy.float32", "numpy.float64", "numpy.float16") and len(node.args) == 1:
             arg = node.args[0]
-            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+            if isinstance(arg, ast.Constant) and isinstance(arg.value, str):  # float("-1e9")
                 try:
                     return float(arg.value)
                 except ValueError:
                     return None
+            return self.number(arg, env)
+        return None
+
+    def builtin(self, func: ast.expr, env: Env) -> str | None:
+        """``float``, ``int``, ``abs``...: a builtin called by its own name (not rebound in the file)."""
+        if isinstance(func, ast.Name) and func.id not in env and func.id not in self.aliases and \
+                func.id in ("float", "int", "abs", "max", "min"):
+            return func.id
         return None
 
     def dtype(self, node: ast.expr, env: Env, scope: _Scope, depth: int = 0) -> str | None:
@@ -313,23 +346,131 @@ class _Analyzer:
         return None
 
     def shifted(self, node: ast.expr | None, env: Env, scope: _Scope) -> bool:
-        """Whether an exp argument cannot overflow: x - max, -|x|, a clamp, or a log-probability."""
+        """Whether an exp argument cannot overflow.
+
+        It cannot when it subtracts the max (or the logsumexp) of the same tensor (``x - x.amax(-1, keepdim=True)``,
+        ``x - m`` with ``m = x.max(-1).values``), when it is never positive (``-d2 / s`` with d2 a square or a
+        distance, ``-x.abs()``, ``-softplus(x)``, a log-probability), when it is clamped from above, or when it is a
+        constant. Any other subtraction (``z - b``, ``z - 1.0``) or negation (``-e``, ``-y * z``) can still be large.
+        """
         if node is None:
             return True
         node, env = self.strip(node, env, scope)
-        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Sub):
-            return True
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            return True
-        left = node
-        while isinstance(left, ast.BinOp) and isinstance(left.op, (ast.Mult, ast.Div)):
-            left = left.left  # -d2 / (2 * sigma**2): written as a non-positive argument
-        if isinstance(left, ast.UnaryOp) and isinstance(left.op, ast.USub):
-            return True
-        if self.is_constant(node, env):
+        if self.is_constant(node, env) or self.nonpositive(node, env, scope):
             return True
         info = self.call(node, env, scope)
-        return info is not None and info.op in ("clamp", "clamp_max", "log_softmax", "logsigmoid", "minimum", "min")
+        if info is None:
+            return False
+        if info.op in ("clamp_max", "minimum", "min"):
+            return True
+        if info.op == "clamp":
+            upper = [k.value for k in info.node.keywords if k.arg == "max"]
+            upper += info.node.args[(1 if info.family == "method" else 2):][:1]
+            return bool(upper) and self.is_constant(upper[0], env)
+        return False
+
+    def nonpositive(self, node: ast.expr, env: Env, scope: _Scope, depth: int = 0) -> bool:
+        """An expression that is never above 0: -|x|, -d2 / s, -0.5 * z ** 2, x - x.max(), log_softmax(z)."""
+        if depth > 12:
+            return False
+        node, env = self.strip(node, env, scope)
+        value = self.number(node, env)
+        if value is not None:
+            return value <= 0
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return self.nonnegative(node.operand, env, scope, depth + 1)
+        if isinstance(node, ast.BinOp):
+            left, right, op = node.left, node.right, node.op
+            if isinstance(op, ast.Sub):
+                return self.max_shift(left, right, env, scope) or (
+                    self.nonpositive(left, env, scope, depth + 1) and self.nonnegative(right, env, scope, depth + 1))
+            if isinstance(op, ast.Add):
+                return self.nonpositive(left, env, scope, depth + 1) and self.nonpositive(right, env, scope, depth + 1)
+            if isinstance(op, ast.Mult):
+                if isinstance(left, ast.UnaryOp) and isinstance(left.op, ast.USub):  # -gamma * d2 is -(gamma * d2)
+                    if self.nonnegative_product(left.operand, right, env, scope, depth + 1):
+                        return True
+                return (self.nonpositive(left, env, scope, depth + 1) and self.scale(right, env, scope, depth + 1)) \
+                    or (self.scale(left, env, scope, depth + 1) and self.nonpositive(right, env, scope, depth + 1))
+            if isinstance(op, ast.Div):
+                return self.nonpositive(left, env, scope, depth + 1) and self.scale(right, env, scope, depth + 1)
+            return False
+        info = self.call(node, env, scope)
+        return info is not None and info.op in ("log_softmax", "logsigmoid")
+
+    def nonnegative(self, node: ast.expr, env: Env, scope: _Scope, depth: int = 0) -> bool:
+        """An expression that is never below 0 by its form: a square, |x|, a norm or distance, relu, softplus."""
+        if depth > 12:
+            return False
+        raw = node
+        node, env = self.strip(node, env, scope)
+        value = self.number(node, env)
+        if value is not None:
+            return value >= 0
+        if self.square_of(node, env, scope) is not None:
+            return True
+        if isinstance(node, ast.BinOp):
+            if isinstance(node.op, ast.Pow):
+                exponent = self.number(node.right, env)
+                return exponent is not None and exponent % 2 == 0 or self.nonnegative(node.left, env, scope, depth + 1)
+            if isinstance(node.op, (ast.Mult, ast.Div)):
+                return self.nonnegative_product(node.left, node.right, env, scope, depth + 1)
+            if isinstance(node.op, ast.Add):
+                return self.nonnegative(node.left, env, scope, depth + 1) and \
+                    self.nonnegative(node.right, env, scope, depth + 1)
+            return False
+        info = self.call(node, env, scope)
+        if info is not None:
+            if info.op in _NONNEG_CALLS:
+                return True
+            if info.op in ("sum", "mean", "cumsum") and info.family != "builtin" and info.operand is not None:
+                return self.nonnegative(info.operand, env, scope, depth + 1)
+            if info.op in ("clamp", "clamp_min"):
+                low = [k.value for k in info.node.keywords if k.arg == "min"]
+                low += info.node.args[(0 if info.family == "method" else 1):][:1]
+                bound = self.number(low[0], env) if low else None
+                return bound is not None and bound >= 0
+            return False
+        name = raw.id if isinstance(raw, ast.Name) else raw.attr if isinstance(raw, ast.Attribute) else None
+        return node is raw and name is not None and bool(_NONNEG_NAME.fullmatch(name))
+
+    def nonnegative_product(self, a: ast.expr, b: ast.expr, env: Env, scope: _Scope, depth: int) -> bool:
+        """a * b (or a / b) is never negative: one factor is by its form, the other is too or is a scale."""
+        return (self.nonnegative(a, env, scope, depth) and self.scale(b, env, scope, depth)) or \
+            (self.scale(a, env, scope, depth) and self.nonnegative(b, env, scope, depth))
+
+    def scale(self, node: ast.expr, env: Env, scope: _Scope, depth: int = 0) -> bool:
+        """A factor taken to be positive: a non-negative expression, or a plain name or attribute (sigma, tau)."""
+        stripped, _ = self.strip(node, env, scope)
+        if isinstance(stripped, (ast.Name, ast.Attribute)):
+            return True
+        return self.nonnegative(node, env, scope, depth + 1)
+
+    def max_shift(self, x: ast.expr, m: ast.expr, env: Env, scope: _Scope) -> bool:
+        """Whether ``m`` is the max (or the logsumexp) of ``x``: x.max(..), x.amax(..), x.max(dim)[0], .values,
+        torch.max(x, ..), torch.maximum(x, y), logsumexp(x, ..), or a name bound to one of them."""
+        node, node_env = m, env
+        for _ in range(10):
+            node, node_env = self.strip(node, node_env, scope)
+            if isinstance(node, ast.Subscript) and self.number(node.slice, node_env) == 0.0:
+                node = node.value
+            elif isinstance(node, ast.Attribute) and node.attr == "values":
+                node = node.value
+            else:
+                break
+        info = self.call(node, node_env, scope)
+        if info is None or info.op not in ("max", "amax", "nanmax", "maximum", "logsumexp", "fmax"):
+            return False
+        candidates = ([info.operand] if info.operand is not None else []) + [
+            a for a in info.node.args if a is not info.operand and not isinstance(a, ast.Starred)]
+        return any(self.same_tensor(x, env, c, node_env, scope) for c in candidates)
+
+    def same_tensor(self, a: ast.expr, a_env: Env, b: ast.expr, b_env: Env, scope: _Scope) -> bool:
+        if ast.dump(a) == ast.dump(b):
+            return True
+        sa, _ = self.strip(a, a_env, scope)
+        sb, _ = self.strip(b, b_env, scope)
+        return sa is sb or ast.dump(sa) == ast.dump(sb)
 
     def exp_call(self, node: ast.expr, env: Env, scope: _Scope) -> _Call | None:
         """The exp call ``node`` stands for, when it can overflow (no max subtracted)."""
@@ -345,8 +486,8 @@ class _Analyzer:
                 node, indexed = node.value, True
                 continue
             info = self.call(node, env, scope)
-            if info is not None and info.op in ("gather", "take_along_dim", "index_select") and info.operand is not None:
-                node, indexed = info.operand, True
+            if info is not None and info.op in _PICK and info.operand is not None:
+                node, indexed = info.operand, True  # p.gather(1, y), p.diag(), torch.diagonal(p): the targets' p
                 continue
             if info is not None and info.op == "softmax":
                 return info, indexed
@@ -355,13 +496,20 @@ class _Analyzer:
                 total = self.op(node.right, env, scope, "sum")
                 if ex is not None and total is not None and total.operand is not None and \
                         self.op(total.operand, env, scope, "exp") is not None:
-                    return _Call("softmax", "manual", ex.operand, ex.node), indexed
+                    return _Call("softmax", "manual", ex.operand, ex.node, source=total.node,
+                                 library=ex.family), indexed
             break
         return None, indexed
 
     def is_norm_like(self, node: ast.expr, env: Env, scope: _Scope) -> str | None:
-        """``norm``, ``std`` or ``sum`` when the denominator is one with nothing to keep it from 0."""
+        """``norm``, ``std`` or ``sum`` when the denominator is one with nothing to keep it from 0 (or a product or
+        power of one: ``a.norm() * b.norm()``, ``x.norm() ** 2``)."""
         node, env = self.strip(node, env, scope)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+            return self.is_norm_like(node.left, env, scope) or self.is_norm_like(node.right, env, scope)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Pow):
+            exponent = self.number(node.right, env)
+            return self.is_norm_like(node.left, env, scope) if exponent is not None and exponent > 0 else None
         info = self.call(node, env, scope)
         if info is not None and info.op in ("norm", "std", "sum", "nansum") and info.family not in ("builtin", "math"):
             if info.operand is None or self.is_constant(info.operand, env):
@@ -481,7 +629,23 @@ class _Analyzer:
     # ---- reporting ---------------------------------------------------------------------------------------
 
     def text(self, node: ast.AST) -> str:
-        return ast.get_source_segment(self.source, node) or ast.unparse(node)
+        """The source of an expression, without the comments inside it (a multi-line call may have some)."""
+        segment = ast.get_source_segment(self.source, node) or ast.unparse(node)
+        return _strip_comments(segment) if "#" in segment else segment
+
+    def comment_inside(self, node: ast.expr) -> bool:
+        """Whether a comment lies inside the expression's span: a rewrite of the span would drop it."""
+        if self.comments is None:
+            self.comments = _comment_positions(self.source)
+        start = (node.lineno, node.col_offset)
+        end = (node.end_lineno or node.lineno, node.end_col_offset or 0)
+        lines = self.source.splitlines()
+        for line, col in self.comments:  # char columns; convert the node's byte offsets to compare
+            text = lines[line - 1] if 0 < line <= len(lines) else ""
+            byte = len(text[:col].encode("utf-8"))
+            if start <= (line, byte) < end:
+                return True
+        return False
 
     def atom(self, node: ast.expr) -> str:
         """Source text that can take ``.method()`` or a unary minus without changing meaning."""
@@ -502,6 +666,11 @@ class _Analyzer:
         if key in self.findings:
             return
         edit = None
+        if replace is not None and isinstance(replace, ast.Call) and replace.keywords:
+            replace = None  # torch.log(1 + x, out=y): the rewrites drop keyword arguments
+        if replace is not None and self.comment_inside(replace):
+            replace = None  # libcst would keep it, but it belongs to the code being replaced: leave it to the user
+            message += " (not applied by --fix: the expression has a comment inside, which the rewrite would drop)"
         if replace is not None and fix is not None:
             end_line = replace.end_lineno or replace.lineno
             edit = Edit(replace.lineno, self.char_col(replace.lineno, replace.col_offset), end_line,
@@ -565,9 +734,14 @@ class _Analyzer:
             scope.env = dict(scope.env)
             scope.env[target.id] = None if value is None else (value, env)
             scope.dtypes.pop(target.id, None)
+            scope.guarded = {k: names for k, names in scope.guarded.items() if target.id not in names}
         elif isinstance(target, (ast.Tuple, ast.List)):
-            values = value.elts if isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(
-                target.elts) else [None] * len(target.elts)
+            values: list[ast.expr | None] = [None] * len(target.elts)
+            if isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(target.elts):
+                values = list(value.elts)
+            elif len(target.elts) == 2 and value is not None and self.op(value, env, scope, *_PAIRS, strip=False):
+                first = ast.copy_location(ast.Subscript(value=value, slice=ast.Constant(0), ctx=ast.Load()), value)
+                values[0] = first  # m, _ = x.max(dim): m is x.max(dim)[0]
             for t, v in zip(target.elts, values, strict=True):
                 self.bind(t, v, scope, env)
         elif isinstance(target, ast.Starred):
@@ -589,6 +763,10 @@ class _Analyzer:
             self.expression(stmt.value, scope)
             env = scope.env
             for target in stmt.targets:
+                if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and any(
+                        isinstance(n, ast.Name) and n.id == target.value.id for n in ast.walk(target.slice)):
+                    self.forget(target.value.id, scope)  # std[std == 0] = 1: no longer the std it was
+                    continue
                 self.bind(target, stmt.value, scope, env)
             return
         if isinstance(stmt, ast.AnnAssign):
@@ -608,6 +786,10 @@ class _Analyzer:
         if isinstance(stmt, ast.Expr):
             self.expression(stmt.value, scope)
             value = stmt.value  # model.half() converts a module in place
+            if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and \
+                    isinstance(value.func.value, ast.Name) and value.func.attr in _IN_PLACE:
+                self.forget(value.func.value.id, scope)  # std.clamp_(min=eps), std.masked_fill_(std == 0, 1)
+                return
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and \
                     isinstance(value.func.value, ast.Name):
                 found = self.dtype(value, scope.env, scope)
@@ -629,7 +811,21 @@ class _Analyzer:
                     self.bind(item.optional_vars, None, scope, scope.env)
             self.block(stmt.body, scope, deferred)
             return
-        if isinstance(stmt, (ast.If, ast.While)):
+        if isinstance(stmt, ast.If):
+            self.expression(stmt.test, scope)
+            when_true, when_false = self.nonzero_when(stmt.test)
+            for body, known in ((stmt.body, when_true), (stmt.orelse, when_false)):
+                before = dict(scope.guarded)
+                self.guard(known, scope)
+                self.block(body, scope, deferred)
+                scope.guarded = {k: v for k, v in scope.guarded.items() if k in before or k not in dict(known)}
+            # if n == 0: return / raise / continue: below the if, n is not 0
+            if stmt.body and isinstance(stmt.body[-1], (ast.Return, ast.Raise, ast.Continue, ast.Break)):
+                self.guard(when_false, scope)
+            if stmt.orelse and isinstance(stmt.orelse[-1], (ast.Return, ast.Raise, ast.Continue, ast.Break)):
+                self.guard(when_true, scope)
+            return
+        if isinstance(stmt, ast.While):
             self.expression(stmt.test, scope)
             self.block(stmt.body, scope, deferred)
             self.block(stmt.orelse, scope, deferred)
@@ -653,10 +849,82 @@ class _Analyzer:
             if isinstance(child, ast.expr):
                 self.expression(child, scope)
 
+    def forget(self, name: str, scope: _Scope) -> None:
+        """``name`` was changed in place (std[std == 0] = 1, std.clamp_(min=eps)): stop following its old value."""
+        found = self.dtype(ast.Name(id=name, ctx=ast.Load()), scope.env, scope)
+        scope.env = dict(scope.env)
+        scope.env[name] = None
+        if found:
+            scope.dtypes[name] = found
+
+    def guard(self, known: list[tuple[str, frozenset[str]]], scope: _Scope) -> None:
+        for key, names in known:
+            scope.guarded[key] = names
+
+    def nonzero_when(self, test: ast.expr) -> tuple[list[tuple[str, frozenset[str]]], list[tuple[str, frozenset[str]]]]:
+        """The expressions a test shows to be nonzero when it is true, and when it is false.
+
+        ``n == 0``, ``n <= eps``, ``not n``, ``(n == 0).any()`` and ``torch.any(n == 0)`` are false only for a
+        nonzero n; ``n > 0``, ``n != 0``, ``n`` and ``(n > 0).all()`` are true only for one.
+        """
+        def key(node: ast.expr) -> tuple[str, frozenset[str]]:
+            while True:  # n.item() == 0, float(n) == 0, abs(n) < eps
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and not node.args and \
+                        node.func.attr in ("item", "abs", "detach", "float", "cpu"):
+                    node = node.func.value
+                elif isinstance(node, ast.Call) and len(node.args) == 1 and (
+                        self.builtin(node.func, {}) in ("float", "int", "abs") or
+                        (self.qual(node.func) or "") in ("torch.abs", "numpy.abs", "math.fabs")):
+                    node = node.args[0]
+                else:
+                    break
+            return ast.dump(node), frozenset(n.id for n in ast.walk(node) if isinstance(n, ast.Name))
+
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            true, false = self.nonzero_when(test.operand)
+            return false, true
+        if isinstance(test, ast.BoolOp):
+            parts = [self.nonzero_when(v) for v in test.values]
+            if isinstance(test.op, ast.And):
+                return [k for t, _ in parts for k in t], []
+            return [], [k for _, f in parts for k in f]
+        if isinstance(test, ast.Compare) and len(test.ops) == 1:
+            left, op, right = test.left, test.ops[0], test.comparators[0]
+            flipped = {ast.Lt: ast.Gt, ast.LtE: ast.GtE, ast.Gt: ast.Lt, ast.GtE: ast.LtE, ast.Eq: ast.Eq,
+                       ast.NotEq: ast.NotEq}
+            if self.number(left, {}) is not None and type(op) in flipped:
+                left, op, right = right, flipped[type(op)](), left
+            bound = self.number(right, {})
+            if bound is None or self.number(left, {}) is not None:
+                return [], []
+            if (isinstance(op, ast.Eq) and bound == 0) or (isinstance(op, (ast.Lt, ast.LtE)) and bound >= 0):
+                return [], [key(left)]
+            if (isinstance(op, ast.NotEq) and bound == 0) or (isinstance(op, ast.Gt) and bound >= 0) or \
+                    (isinstance(op, ast.GtE) and bound > 0):
+                return [key(left)], []
+            return [], []
+        if isinstance(test, ast.Call):
+            func = test.func
+            name = func.attr if isinstance(func, ast.Attribute) else ""
+            inner = None
+            if name in ("any", "all") and not test.args and isinstance(func, ast.Attribute):
+                inner = func.value  # (n == 0).any()
+            elif name in ("any", "all") and len(test.args) == 1:
+                inner = test.args[0]  # torch.any(n == 0)
+            if inner is not None:
+                true, false = self.nonzero_when(inner)
+                return (true, []) if name == "all" else ([], false)
+        if isinstance(test, (ast.Name, ast.Attribute)):
+            return [key(test)], []
+        return [], []
+
     def expression(self, root: ast.expr, scope: _Scope) -> None:
         env = scope.env
         for node in _walk(root):
-            if isinstance(node, ast.Call):
+            if isinstance(node, ast.NamedExpr):  # (p := F.softmax(z, -1)): p is bound from here on
+                self.bind(node.target, node.value, scope, env)
+                env = scope.env
+            elif isinstance(node, ast.Call):
                 self.check_call(node, env, scope)
             elif isinstance(node, ast.BinOp):
                 self.check_binop(node, env, scope)
@@ -689,7 +957,11 @@ class _Analyzer:
                             f"logits to the fused loss, which computes log-sigmoid stably (not applied by --fix: "
                             f"without BCE's -100 clamp the values of saturated samples change)", fix)
         elif info.op in ("acos", "asin") and info.operand is not None:
-            if self.is_cosine(info.operand, env, scope) and not self.is_constant(info.operand, env):
+            clamp = self.op(info.operand, env, scope, "clamp")
+            if clamp is not None and clamp.operand is not None:
+                if info.family in ("torch", "method", "jax"):  # numpy has no gradient to guard
+                    self.check_clamped_acos(info, clamp, env)
+            elif self.is_cosine(info.operand, env, scope) and not self.is_constant(info.operand, env):
                 c = self.text(info.operand)
                 self.report("FS115", node,
                             f"{info.op} of the cosine {c} without a clamp: rounding puts the cosine of parallel "
@@ -715,6 +987,27 @@ class _Analyzer:
             low += list(node.args[(0 if info.family == "method" else 1):][:1])
             for value in low[:1]:
                 self.check_epsilon(value, info.operand, env, scope, node)
+
+    def check_clamped_acos(self, info: _Call, clamp: _Call, env: Env) -> None:
+        """acos(c.clamp(-1, 1)): the forward is finite, the gradient -1 / sqrt(1 - c**2) is not, at c = +-1."""
+        node = clamp.node
+        first = 0 if clamp.family == "method" else 1
+        bounds = {k.arg: k.value for k in node.keywords if k.arg in ("min", "max")}
+        for name, value in zip(("min", "max"), node.args[first:first + 2], strict=False):
+            bounds.setdefault(name, value)
+        at_one = [self.text(v) for v in bounds.values() if (n := self.number(v, env)) is not None and abs(n) >= 1]
+        if not at_one or clamp.operand is None:
+            return
+        c = self.text(clamp.operand)
+        self.report("FS115", info.node,
+                    f"{self.text(info.node)}: the clamp at {' and '.join(at_one)} keeps the forward finite, but the "
+                    f"gradient 1 / sqrt(1 - c**2) of {info.op} is infinite at c = +-1, where rounding puts the cosine "
+                    f"of parallel vectors (1.0000001 in float32) and the clamp then holds it, so the backward is inf "
+                    f"or NaN; the clamp must be strictly inside (-1, 1) (1 - 1e-7 in float32; 1 - 1e-3 in float16, "
+                    f"where 1 - 1e-7 rounds to 1)",
+                    f"{self.text(info.node.func) if info.family != 'method' else info.op}("
+                    f"{self.atom(clamp.operand)}.clamp(-1 + 1e-7, 1 - 1e-7)), or atan2(|a x b|, a . b) for the angle"
+                    if c else None)
 
     def check_log(self, info: _Call, env: Env, scope: _Scope) -> None:
         node, arg = info.node, info.operand
@@ -754,7 +1047,9 @@ class _Analyzer:
                     self.report_softplus(node, ex)
                     return
                 if not self.is_constant(other, inner_env):
-                    self.report_log1p(info, other, direct=arg is inner)
+                    overflow = next((self.text(n) for n in _walk(other) if isinstance(n, ast.Call) and
+                                     self.exp_call(n, inner_env, scope) is not None), None)
+                    self.report_log1p(info, other, direct=arg is inner and overflow is None, overflow=overflow)
                 return
             exp_a, exp_b = self.exp_call(inner.left, inner_env, scope), self.exp_call(inner.right, inner_env, scope)
             if exp_a is not None and exp_b is not None and exp_a.operand is not None and exp_b.operand is not None:
@@ -817,17 +1112,63 @@ class _Analyzer:
         if softmax is not None:
             self.report_cross_entropy(log, softmax, "feeds log(softmax) to nll_loss")
 
+    def softmax_library(self, softmax: _Call) -> str:
+        """``torch``, ``numpy`` (numpy, scipy, cupy) or ``jax``: which library a softmax's rewrite is spelled in."""
+        family = softmax.library if softmax.family == "manual" else softmax.family
+        return {"numpy": "numpy", "scipy": "numpy", "jax": "jax"}.get(family, "torch")
+
+    def softmax_dim(self, softmax: _Call) -> str | None:
+        """The softmax's dim as written: its ``dim``/``axis`` argument, nn.Softmax's, or the dim of the sum a
+        hand-written one divides by; None when the code does not show it."""
+        if softmax.family == "module":
+            ctor = softmax.source
+            if ctor is None:
+                return None
+            for k in ctor.keywords:
+                if k.arg == "dim":
+                    return self.text(k.value)
+            return self.text(ctor.args[0]) if ctor.args else None
+        if softmax.family == "manual":
+            total = self.call(softmax.source, {}, _Scope(env={})) if softmax.source is not None else None
+            return self.dim_of(total) if total is not None else None
+        for k in softmax.node.keywords:
+            if k.arg in ("dim", "axis"):
+                return self.text(k.value)
+        pos = softmax.node.args[(0 if softmax.family == "method" else 1):]
+        return self.text(pos[0]) if pos and not isinstance(pos[0], ast.Starred) else None
+
     def report_cross_entropy(self, log: _Call, softmax: _Call, how: str) -> None:
         z = self.text(softmax.operand) if softmax.operand is not None else "logits"
         f = self.alias_for("torch.nn.functional") or "F"
         fix, fixable = self.log_softmax_fix(log, softmax)
-        if not fixable:
-            fix = f"{f}.cross_entropy({z}, target)"
+        if self.softmax_library(softmax) == "torch":
+            stable = f"{f}.cross_entropy({z}, target) takes the logits and computes log_softmax inside"
+            if not fixable:
+                fix = f"{f}.cross_entropy({z}, target)"
+        else:  # numpy has no fused loss: pick the log-probabilities from log_softmax
+            stable = f"{fix} computes the log-probabilities stably; pick the targets' entries from it"
+            fix = f"{fix}, indexed by the targets"
         self.report("FS102", log.node,
                     f"{self.text(log.node)} {how}: a probability underflows to 0 once a logit trails the largest by "
                     f"more than 104 (float32), 92.8 (bfloat16) or 17.3 (float16), so one confident wrong prediction "
-                    f"makes the loss inf and every gradient NaN; {f}.cross_entropy({z}, target) takes the logits and "
-                    f"computes log_softmax inside", fix, replace=log.node if fixable else None, claims=("FS101",))
+                    f"makes the loss inf and every gradient NaN; {stable}", fix,
+                    replace=log.node if fixable else None, claims=("FS101",))
+
+    def report_entropy(self, log: _Call, softmax: _Call, p: ast.expr, product: ast.BinOp) -> None:
+        """p * log(p) with the same softmax p on both sides: an entropy, not a cross-entropy with targets."""
+        z = self.text(softmax.operand) if softmax.operand is not None else "logits"
+        log_p, _ = self.log_softmax_fix(log, softmax)
+        library = self.softmax_library(softmax)
+        if library == "torch":
+            fix = f"{self.atom(p)} * {log_p} in place of {self.text(log.node)}, or " \
+                  f"torch.distributions.Categorical(logits={z}).entropy()"
+        else:
+            fix = f"{self.atom(p)} * {log_p} in place of {self.text(log.node)}"
+        self.report("FS101", log.node,
+                    f"{self.text(product)} is the entropy of the softmax {self.text(p)}: a probability underflows to 0 "
+                    f"once a logit trails the largest by more than 104 (float32), 92.8 (bfloat16) or 17.3 (float16), "
+                    f"and then p * log(p) is 0 * -inf = NaN (its limit is 0) with a NaN gradient; take log p from "
+                    f"log_softmax, where it stays finite", fix)
 
     def log_softmax_fix(self, info: _Call, softmax: _Call) -> tuple[str, bool]:
         """The log_softmax spelling of log(softmax(...)), and whether it replaces the log call exactly."""
@@ -837,10 +1178,16 @@ class _Analyzer:
         fixable = direct and info.family in ("torch", "method") and softmax.family in ("torch", "method")
         if softmax.family == "method" and isinstance(func, ast.Attribute):
             return f"{self.atom(func.value)}.log_softmax({params})", fixable
-        if softmax.family == "torch" and isinstance(func, ast.Attribute):
-            return f"{self.text(func.value)}.log_softmax({params})", fixable
-        return (f"{self.alias_for('torch.nn.functional') or 'F'}.log_softmax("
-                f"{self.text(softmax.operand) if softmax.operand is not None else 'z'}, dim=...)"), False
+        if softmax.family in ("torch", "scipy", "jax") and isinstance(func, ast.Attribute):
+            return f"{self.text(func.value)}.log_softmax({params})", fixable  # scipy.special, jax.nn: same signature
+        z = self.text(softmax.operand) if softmax.operand is not None else "z"
+        dim = self.softmax_dim(softmax)
+        library = self.softmax_library(softmax)
+        if library == "numpy":
+            return f"scipy.special.log_softmax({z}, axis={dim or 'None'})", False
+        if library == "jax":
+            return f"jax.nn.log_softmax({z}, axis={dim or 'None'})", False
+        return f"{self.alias_for('torch.nn.functional') or 'F'}.log_softmax({z}, dim={dim or '...'})", False
 
     def report_log_softmax(self, info: _Call, softmax: _Call) -> None:
         fix, fixable = self.log_softmax_fix(info, softmax)
@@ -851,7 +1198,7 @@ class _Analyzer:
                     f"log_softmax is the same function computed as z - logsumexp(z)", fix,
                     replace=node if fixable else None)
 
-    def report_log1p(self, info: _Call, x: ast.expr, *, direct: bool) -> None:
+    def report_log1p(self, info: _Call, x: ast.expr, *, direct: bool, overflow: str | None = None) -> None:
         node = info.node
         func = node.func
         fix: str
@@ -862,19 +1209,31 @@ class _Analyzer:
             fix, fixable = f"{self.text(func.value)}.log1p({self.text(x)})", direct
         else:
             fix = f"log1p({self.text(x)})"
+        tail = ""
+        if overflow is not None:  # log1p(2 * exp(z)) keeps the overflow: not a fix to apply blindly
+            tail = (f"; {overflow} inside overflows to inf above 88.7 (float32) or 11.1 (float16), which log1p keeps "
+                    f"(not applied by --fix: write it as a softplus or logaddexp)")
         self.report("FS110", node,
                     f"{self.text(node)}: 1 + x rounds to 1 for |x| below 6e-8 (float32), 4.9e-4 (float16) or 3.9e-3 "
                     f"(bfloat16), so the result is 0 instead of about x; log1p is the same function without the "
-                    f"rounding", fix, replace=node if fixable else None)
+                    f"rounding{tail}", fix, replace=node if fixable else None)
 
     def report_softplus(self, node: ast.Call, ex: _Call) -> None:
         x = self.text(ex.operand) if ex.operand is not None else "x"
         f = self.alias_for("torch.nn.functional") or "F"
+        if ex.family == "numpy":
+            fix = f"{self.alias_for('numpy') or 'np'}.logaddexp(0, {x})"
+        elif ex.family == "math":
+            fix = f"max({x}, 0) + math.log1p(math.exp(-abs({x})))"
+        elif ex.family == "jax":
+            fix = f"jax.nn.softplus({x})"
+        else:
+            fix = f"{f}.softplus({x})" + (f", or torch.logaddexp({x}, torch.zeros_like({x}))"
+                                          if isinstance(ex.operand, ast.Name) else "")
         self.report("FS116", node,
                     f"{self.text(node)}: exp({x}) overflows to inf above 88.7 (float32) or 11.1 (float16), so the "
                     f"result is inf where it should be about {x}; softplus computes it stably (not applied by --fix: "
-                    f"softplus returns x itself above its threshold of 20)", f"{f}.softplus({x})",
-                    claims=("FS110",))
+                    f"softplus returns x itself above its threshold of 20)", fix, claims=("FS110",))
 
     def report_logsumexp(self, info: _Call, total: _Call, ex: _Call, *, direct: bool) -> None:
         assert ex.operand is not None
@@ -937,14 +1296,21 @@ class _Analyzer:
     def check_binop(self, node: ast.BinOp, env: Env, scope: _Scope, *, augmented: bool = False) -> None:
         op = node.op
         if isinstance(op, ast.Mult):
-            for side in (node.left, node.right):
+            for side, other in ((node.left, node.right), (node.right, node.left)):
                 while isinstance(side, ast.UnaryOp) and isinstance(side.op, ast.USub):
                     side = side.operand
+                while isinstance(other, ast.UnaryOp) and isinstance(other.op, ast.USub):
+                    other = other.operand
                 log = self.op(side, env, scope, "log", strip=False)
                 if log is not None and log.operand is not None and log.family != "builtin":
-                    softmax, _ = self.softmax_of(log.operand, env, scope)
+                    softmax, indexed = self.softmax_of(log.operand, env, scope)
                     if softmax is not None:
-                        self.report_cross_entropy(log, softmax, "is multiplied by the targets")
+                        partner, partner_indexed = self.softmax_of(other, env, scope)
+                        if partner is not None and partner.node is softmax.node and not indexed and \
+                                not partner_indexed:
+                            self.report_entropy(log, softmax, other, node)  # p * log(p): the same p
+                        else:
+                            self.report_cross_entropy(log, softmax, "is multiplied by the targets")
         if isinstance(op, ast.Div):
             self.check_division(node.left, node.right, node, env, scope, augmented=augmented)
         elif isinstance(op, ast.Sub):
@@ -977,10 +1343,11 @@ class _Analyzer:
         assert ex.operand is not None
         func = ex.node.func
         x = self.text(ex.operand)
+        plain = not ex.node.keywords and len(ex.node.args) == (0 if ex.family == "method" else 1)  # no out=
         if ex.family == "method":
-            call, fixable = f"{self.atom(ex.operand)}.expm1()", True
+            call, fixable = f"{self.atom(ex.operand)}.expm1()", plain
         elif ex.family in ("torch", "numpy", "math", "jax") and isinstance(func, ast.Attribute):
-            call, fixable = f"{self.text(func.value)}.expm1({x})", True
+            call, fixable = f"{self.text(func.value)}.expm1({x})", plain
         else:
             call, fixable = f"expm1({x})", False
         fix = f"-{call}" if negate else call
@@ -1042,7 +1409,7 @@ class _Analyzer:
         ex = self.exp_call(num, env, scope)
         if total is not None and ex is not None and total.operand is not None and \
                 self.op(total.operand, env, scope, "exp") is not None:
-            self.report_softmax(ex, num, den, node)
+            self.report_softmax(ex, num, den, node, env, scope)
             return
         if ex is not None or self.op(num, env, scope, "exp") is not None:
             return  # a max-subtracted exp sums to at least 1
@@ -1061,21 +1428,28 @@ class _Analyzer:
                 self.report_rsqrt(root.node, root.operand)
                 return
         kind = self.is_norm_like(den, env, scope)
-        if kind is None:
+        if kind is None or ast.dump(den) in scope.guarded:  # if n == 0: return, earlier in the function
             return
         if self.is_constant(num, env) and not isinstance(num, ast.Constant):
             return
         d = self.text(den)
         n = self.text(num)
         torchy = self.imports_torch or not self.imports_numpy
-        if kind == "norm":
+        stripped, stripped_env = self.strip(den, env, scope)
+        product = isinstance(stripped, ast.BinOp)
+        if kind == "norm" and not product:
             norm = self.op(den, env, scope, "norm")
             dim = ""
             if norm is not None:
-                dims = [k for k in norm.node.keywords if k.arg == "dim"]
-                dim = f", dim={self.text(dims[0].value)}" if dims else ""
+                given = self.dim_of(norm)
+                dim = f", dim={given}" if given and given != "None" else ""
             guard = (f"{self.alias_for('torch.nn.functional') or 'F'}.normalize({n}{dim}), or {n} / "
                      f"{self.atom(den)}.clamp_min(1e-12)") if torchy else f"{n} / np.maximum({d}, 1e-12)"
+            why = "an all-zero row (padding, a dead feature) has norm 0"
+        elif kind == "norm":
+            guard = f"{n} / {self.atom(den)}.clamp_min(1e-12)" if torchy else f"{n} / np.maximum({d}, 1e-12)"
+            if self.is_cosine(node, env, scope) and torchy:
+                guard += f", or {self.alias_for('torch.nn.functional') or 'F'}.cosine_similarity(a, b, dim)"
             why = "an all-zero row (padding, a dead feature) has norm 0"
         elif kind == "std":
             guard = f"{n} / ({d} + 1e-5)"
@@ -1083,28 +1457,87 @@ class _Analyzer:
         else:
             guard = f"{n} / {self.atom(den)}.clamp_min(1e-12)" if torchy else f"{n} / np.maximum({d}, 1e-12)"
             why = "an all-zero row or an empty mask sums to 0"
+        # x / x.norm(), (x - m) / x.std(): the numerator is 0 too, 0 / 0 = NaN; total / n: x / 0 = inf as well.
+        operand = self.norm_operand(stripped, stripped_env, scope)
+        num_node, num_env = self.strip(num, env, scope)
+        if isinstance(num_node, ast.BinOp) and isinstance(num_node.op, ast.Sub):
+            num_node, num_env = self.strip(num_node.left, num_env, scope)
+        same = operand is not None and self.same_tensor(num_node, num_env, operand[0], operand[1], scope)
+        result = "0 / 0 = NaN" if same else "0 / 0 = NaN (or x / 0 = inf)"
         self.report("FS112", den if not augmented else node,
-                    f"division by {kind} {d} with no epsilon: {why}, and 0 / 0 = NaN in the forward and the backward",
+                    f"division by {kind} {d} with no epsilon: {why}, and {result} in the forward and the backward",
                     guard)
 
-    def report_softmax(self, ex: _Call, num: ast.expr, den: ast.expr, division: ast.expr) -> None:
+    def norm_operand(self, node: ast.expr, env: Env, scope: _Scope) -> tuple[ast.expr, Env] | None:
+        """The tensor a norm-like denominator is taken of (x for x.norm(dim)), or None for a product or a name."""
+        info = self.call(node, env, scope)
+        if info is not None and info.operand is not None and info.op in ("norm", "std", "sum", "nansum"):
+            return info.operand, env
+        return None
+
+    def dim_of(self, call: _Call) -> str | None:
+        """The source text of a reduction's dim (``dim=``, ``axis=`` or the first positional after the input)."""
+        for k in call.node.keywords:
+            if k.arg in ("dim", "axis"):
+                return self.text(k.value)
+        pos = call.node.args[(0 if call.family == "method" else 1):]
+        if pos and not isinstance(pos[0], ast.Starred):
+            if call.op == "norm" and call.family != "method" and len(pos) >= 2:
+                return self.text(pos[1])  # torch.norm(x, p, dim)
+            if call.op != "norm":
+                return self.text(pos[0])
+            return self.text(pos[1]) if len(pos) >= 2 else None  # x.norm(p, dim)
+        return None
+
+    def int_dim(self, node: ast.expr | None, env: Env) -> bool:
+        """A single dim: an int literal (``-1``) or a name not bound to a tuple or list. ``(0, 1)`` is not one."""
+        if node is None:
+            return False
+        value = self.number(node, env)
+        if value is not None:
+            return value == int(value) and not (isinstance(node, ast.Constant) and isinstance(node.value, float))
+        if isinstance(node, ast.Name):
+            bound = env.get(node.id)
+            return bound is None or self.int_dim(bound[0], bound[1])
+        return False
+
+    def report_softmax(self, ex: _Call, num: ast.expr, den: ast.expr, division: ast.expr, env: Env,
+                       scope: _Scope) -> None:
         assert ex.operand is not None
         x = self.text(ex.operand)
-        total = self.call(den, {}, _Scope(env={})) if isinstance(den, ast.Call) else None
-        fix = f"torch.softmax({x}, dim=...)" if ex.family in ("torch", "method") else \
-            f"np.exp({x} - {x}.max(axis, keepdims=True)) / ...sum(axis, keepdims=True)"
+        total = self.op(den, env, scope, "sum")
+        dim = self.dim_of(total) if total is not None else None
+        library = "numpy" if ex.family in ("numpy", "scipy") or (total is not None and total.family == "numpy") \
+            else ex.family
+        if library == "numpy":
+            axis = f"axis={dim}" if dim else "axis=None"
+            fix = (f"scipy.special.softmax({x}, {axis}), or e = np.exp({x} - {self.atom(ex.operand)}.max({axis}, "
+                   f"keepdims=True)); e / e.sum({axis}, keepdims=True)")
+        elif library == "jax":
+            fix = f"jax.nn.softmax({x}, axis={dim or 'None'})"
+        elif dim is not None and total is not None and not self.int_dim(
+                next((k.value for k in total.node.keywords if k.arg == "dim"), None) or
+                total.node.args[(0 if total.family == "method" else 1)], env):
+            # softmax takes one dim: for several, subtract the max over them
+            fix = (f"e = torch.exp({x} - {self.atom(ex.operand)}.amax(dim={dim}, keepdim=True)); "
+                   f"e / e.sum(dim={dim}, keepdim=True)")
+        else:
+            fix = f"torch.softmax({x}, dim={dim or '...'})"
         fixable = False
-        if total is not None and total.op == "sum" and ex.node is num and total.operand is not None and \
-                ex.family == "torch" and self.alias_for("torch") == "torch":
-            inner = self.call(total.operand, {}, _Scope(env={}))
-            kws = {k.arg: k.value for k in total.node.keywords}
-            pos = total.node.args[(0 if total.family == "method" else 1):]
-            dim = kws.get("dim", pos[0] if pos else None)
+        direct = self.call(den, {}, _Scope(env={})) if isinstance(den, ast.Call) else None
+        if direct is not None and direct.op == "sum" and ex.node is num and direct.operand is not None and \
+                ex.family == "torch" and self.alias_for("torch") == "torch" and not ex.node.keywords:
+            inner = self.call(direct.operand, {}, _Scope(env={}))
+            kws = {k.arg: k.value for k in direct.node.keywords}
+            pos = direct.node.args[(0 if direct.family == "method" else 1):]
+            given = kws.get("dim", pos[0] if pos else None)
             keep = kws.get("keepdim", pos[1] if len(pos) > 1 else None)
-            if inner is not None and inner.op == "exp" and inner.operand is not None and \
-                    ast.dump(inner.operand) == ast.dump(ex.operand) and dim is not None and \
-                    isinstance(keep, ast.Constant) and keep.value is True and set(kws) <= {"dim", "keepdim"}:
-                fix, fixable = f"torch.softmax({x}, dim={self.text(dim)})", True
+            # softmax takes one int dim: sum((0, 1), keepdim=True) stays a suggestion (softmax would raise)
+            if inner is not None and inner.op == "exp" and inner.operand is not None and not inner.node.keywords \
+                    and ast.dump(inner.operand) == ast.dump(ex.operand) and self.int_dim(given, env) and \
+                    isinstance(keep, ast.Constant) and keep.value is True and set(kws) <= {"dim", "keepdim"} and \
+                    len(pos) <= 2 and given is not None:
+                fix, fixable = f"torch.softmax({x}, dim={self.text(given)})", True
         line = f" (normalised at line {division.lineno})" if division.lineno != ex.node.lineno else ""
         self.report("FS106", ex.node,
                     f"{self.text(ex.node)} normalised by its sum{line} with no max subtracted: exp overflows to inf "
@@ -1131,8 +1564,8 @@ class _Analyzer:
         if number is None or other is None or self.is_constant(other, env):
             return
         dtype = self.dtype(other, env, scope)
-        if dtype not in _LIMITS or abs(number) <= _LIMITS[dtype][0]:
-            return
+        if dtype not in _LIMITS or abs(number) <= _LIMITS[dtype][0] or not math.isfinite(number):
+            return  # float("-inf") is in every float dtype
         if mask:
             self.report("FS203", value,
                         f"the mask value {self.text(value)} is beyond {dtype}'s range (max {_LIMITS[dtype][0]:g}; "
@@ -1177,6 +1610,30 @@ def _walk(root: ast.expr) -> Iterator[ast.AST]:
         node = todo.pop(0)
         yield node
         todo[:0] = list(ast.iter_child_nodes(node))
+
+
+def _comment_positions(source: str) -> list[tuple[int, int]]:
+    import io
+    import tokenize
+
+    try:
+        return [tok.start for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+                if tok.type == tokenize.COMMENT]
+    except (tokenize.TokenError, SyntaxError, IndentationError):
+        return []
+
+
+def _strip_comments(segment: str) -> str:
+    """Source text with its comments removed (the code in a message, or in a suggested rewrite)."""
+    lines = segment.splitlines(keepends=True)
+    cuts = _comment_positions(segment)
+    if not cuts:
+        return segment
+    for line, col in cuts:
+        text = lines[line - 1]
+        end = len(text) - len(text.rstrip("\r\n"))
+        lines[line - 1] = text[:col].rstrip() + text[len(text) - end:]
+    return "".join(lines)
 
 
 def ignored_codes(source: str) -> dict[int, set[str] | None]:
