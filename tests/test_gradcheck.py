@@ -68,8 +68,8 @@ def test_correct_custom_function_passes_at_few_evaluations():
     fn = _sin_function(lambda gx, x: gx)
     result = gradcheck(fn.apply, _x(4096))
     assert result.passed and bool(result)
-    # Three calls to test the function, one for the graph, six for the noise probe, four per tensor.
-    assert result.evaluations == 14 and result.backward_passes == 2
+    # Three calls to test the function, one for the graph, seven for the noise probe, four per tensor.
+    assert result.evaluations == 15 and result.backward_passes == 2
 
 
 def test_module_with_parameters_passes_and_names_them():
@@ -288,7 +288,7 @@ def test_bad_input_is_one_clear_usage_error(fn, inputs, message):
 
 def test_raise_on_failure_raises_an_assertion_with_the_report():
     fn = _sin_function(_one_column)
-    with pytest.raises(AssertionError, match=r"element \(1234,\)") as info:
+    with pytest.raises(AssertionError, match=r"\[1234\] +\[1234\]") as info:
         gradcheck(fn.apply, _x(4096), raise_on_failure=True)
     assert isinstance(info.value, floatscope.GradcheckError) and not info.value.result.passed
 
@@ -375,3 +375,246 @@ def test_cli_exit_codes_text_and_json(tmp_path, capsys):
     assert cli_main(["gradcheck", f"{target}:not_a_pair"]) == 2
     assert "must return (fn_or_module, inputs)" in capsys.readouterr().err
     assert cli_main(["gradcheck", f"{tmp_path}/missing.py:f"]) == 2
+
+
+# -- the user trial: a jump hides nothing, unconverged steps, copies, targets, shapes, reports ------------
+
+
+class _Missing2(torch.autograd.Function):
+    """x*x whose backward forgets the factor 2."""
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        return g * x
+
+
+def test_a_jump_at_one_element_does_not_hide_a_bug_everywhere_else():
+    x = _x(1000).detach()
+    x[0] = 0.0  # (x > 0) jumps there
+    check = gradcheck(lambda t: _Missing2.apply(t) + (t > 0).double(), x.requires_grad_()).inputs[0]
+    assert check.verdict == "fail" and check.bad_elements == 5 and check.jumps == 1
+    for w in check.worst:
+        xi = float(x[w.element[0]])
+        assert w.element != [0] and w.output == w.element
+        assert w.analytic == pytest.approx(xi, rel=1e-12) and w.numeric == pytest.approx(2 * xi, rel=1e-8)
+    assert "jump discontinuity" in check.cause and "element (0,)" in check.cause
+
+
+def test_a_jump_in_a_scalar_loss_does_not_hide_one_wrong_column():
+    fn = _sin_function(_one_column)
+    x = _x(4096).detach()
+    x[10] = 1.0  # floor jumps there
+    check = gradcheck(lambda t: (torch.floor(t) + fn.apply(t)).sum(), x.requires_grad_()).inputs[0]
+    assert check.verdict == "fail"
+    assert [(w.element, w.kind) for w in check.worst] == [([1234], "wrong"), ([10], "jump")]
+    assert check.worst[0].numeric == pytest.approx(math.cos(float(x[1234])), rel=1e-6)  # a sum of 4,096: rounding
+    jump = check.worst[1]
+    assert jump.jump == pytest.approx(1.0, abs=1e-6) and jump.analytic == pytest.approx(math.cos(1.0), rel=1e-12)
+
+
+def test_a_jump_alone_is_a_non_differentiable_point_not_a_failure():
+    x = _x(500).detach()
+    x[42] = 2.0
+    result = gradcheck(lambda t: torch.floor(t) + torch.sin(t), x.requires_grad_())
+    (check,) = result.inputs
+    assert result.passed and check.verdict == "kink" and (check.kinks, check.jumps, check.bad_elements) == (1, 1, 0)
+    (w,) = check.worst
+    assert (w.element, w.kind) == ([42], "jump") and w.jump == pytest.approx(1.0, abs=1e-6)
+
+
+def test_a_function_faster_than_the_step_is_refined_not_called_wrong():
+    x = (_x(20).detach() * 1e3).requires_grad_()
+    result = gradcheck(lambda t: torch.sin(t * t), x)
+    assert result.passed and result.inputs[0].verdict == "pass", str(result)
+    assert any("had not converged" in n and "agree with the analytic gradient" in n for n in result.notes)
+
+    class SinSquareMissing2(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(t)
+            return torch.sin(t * t)
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (t,) = ctx.saved_tensors
+            return g * t * torch.cos(t * t)  # forgets the factor 2
+
+    check = gradcheck(SinSquareMissing2.apply, x).inputs[0]
+    assert check.verdict == "fail"
+    for w in check.worst:
+        xi = float(x[w.element[0]])
+        assert w.numeric == pytest.approx(2 * xi * math.cos(xi * xi), rel=1e-4)  # the refined value, not aliasing
+        assert w.analytic == pytest.approx(xi * math.cos(xi * xi), rel=1e-12)
+
+
+def test_finite_differences_that_never_converge_are_unreliable_not_wrong():
+    result = gradcheck(lambda t: torch.sin(1e12 * t), _x(5))
+    (check,) = result.inputs
+    assert not result.passed and check.verdict == "unreliable" and check.bad_elements == 0
+    assert all(w.kind == "unresolved" for w in check.worst) and check.unresolved == 5
+    assert "never converged" in check.cause and "not a sign that the backward is wrong" in check.cause
+
+
+def test_constant_inputs_are_copied_and_their_modification_reported():
+    def accumulate(x, stats):  # noqa: ANN001, ANN202
+        stats.add_(x.detach())
+        return x.tanh()
+
+    stats = torch.zeros(8, dtype=torch.float64)
+    result = gradcheck(accumulate, _x(8), stats)
+    assert result.passed and torch.equal(stats, torch.zeros(8, dtype=torch.float64))
+    assert any("modifies input 1 'stats' in place" in n for n in result.notes)
+
+    def scale(x, buf):  # noqa: ANN001, ANN202
+        buf.add_(1)
+        return x * buf
+
+    buf = torch.ones(8, dtype=torch.float64)
+    result = gradcheck(scale, _x(8), buf)
+    assert result.passed and torch.equal(buf, torch.ones(8, dtype=torch.float64))
+    assert any("modifies input 1 'buf' in place" in n for n in result.notes)
+    assert not any("not deterministic" in n for n in result.notes)
+
+
+def test_a_checked_input_modified_in_place_does_not_move_the_others():
+    def f(x, y):  # noqa: ANN001, ANN202
+        x.mul_(2)
+        return x.sin() * y
+
+    result = gradcheck(f, _x(6), _x(6, seed=1))
+    assert result.passed, str(result)
+    assert any("modifies input 0 'x' in place" in n for n in result.notes)
+
+
+def test_empty_inputs_and_outputs_pass_with_a_note():
+    empty = torch.zeros(0, dtype=torch.float64, requires_grad=True)
+    result = gradcheck(lambda e, y: (e.sin(), y.exp()), empty, _x(3))
+    assert result.passed and [c.verdict for c in result.inputs] == ["pass", "pass"]
+    assert any("has no elements" in n for n in result.notes)
+    result = gradcheck(torch.sin, torch.zeros(0, 3, dtype=torch.float64, requires_grad=True))
+    assert result.passed and any("returns only empty tensors" in n for n in result.notes)
+
+
+def test_nested_outputs_are_flattened():
+    torch.manual_seed(0)
+    result = gradcheck(torch.nn.LSTM(3, 4, batch_first=True), torch.randn(2, 5, 3, requires_grad=True))
+    assert result.passed and len(result.inputs) == 5, str(result)
+    bad = _sin_function(_one_column)
+    result = gradcheck(lambda t: {"y": (t.exp(), [bad.apply(t)]), "n": t.argmax(), "none": None}, _x(4096))
+    (check,) = result.inputs
+    assert [(w.element, w.output_tensor) for w in check.worst] == [([1234], 1)]
+    assert any("output ['n'] (int64)" in n and "ignored" in n for n in result.notes)
+    with pytest.raises(floatscope.UsageError, match=r"float as output 1.*do not call \.item\(\)"):
+        gradcheck(lambda t: (t.sin(), t.sum().item()), _x(3))
+
+
+def test_failing_repr_names_the_worst_element_and_the_cause():
+    fn = _sin_function(_one_column)
+    text = repr(gradcheck(fn.apply, _x(4096)))
+    assert "element [1234] output [1234]" in text and "cause: 1 wrong element" in text and text.count("\n") == 1
+    assert repr(gradcheck(torch.sin, _x(4))).startswith("GradcheckResult(passed=True, 1 checked tensor,")
+    assert "\n" not in repr(gradcheck(torch.sin, _x(4)))
+
+
+def test_a_backward_rounded_to_float16_is_named():
+    class HalfBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return torch.sin(x) * x
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            xh = x.half()
+            return ((torch.cos(xh) * xh + torch.sin(xh)) * g.half()).double()
+
+    check = gradcheck(HalfBackward.apply, _x(50)).inputs[0]
+    assert check.verdict == "fail" and "looks computed in float16" in check.cause
+    # A wrong sign on exactly representable values (-1 for a bias) is not called float16.
+    torch.manual_seed(0)
+    bias = next(c for c in gradcheck(_Net(), torch.randn(4, 6)).inputs if c.name == "bias")
+    assert "float16" not in bias.cause and "bfloat16" not in bias.cause
+
+
+def test_swapped_and_transposed_gradients_are_named():
+    class Swapped(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(a, b)
+            return a * b * b
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            a, b = ctx.saved_tensors
+            return g * 2 * a * b, g * b * b
+
+    result = gradcheck(Swapped.apply, _x(6), _x(6, seed=1))
+    assert all("the gradients of input 0 and input 1 look swapped" in c.cause for c in result.inputs)
+
+    class MatMulT(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(a, b)
+            return a @ b
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            a, b = ctx.saved_tensors
+            return (b @ g.T).reshape(a.shape), a.T @ g
+
+    result = gradcheck(MatMulT.apply, _x(3, 5), _x(5, 4, seed=1))
+    assert [c.verdict for c in result.inputs] == ["fail", "pass"]
+    assert "laid out as its (5, 3) transpose" in result.inputs[0].cause
+    assert "look swapped" not in result.inputs[0].cause
+
+
+def test_report_prints_zero_not_minus_zero_and_matches_the_cli(tmp_path, capsys):
+    x = _x(10)
+    result = gradcheck(lambda t: t.detach() ** 2 - t * 0.0, x)  # analytic -(1 · 0) = -0.0
+    text = str(result)
+    assert not result.passed and " -0 " not in text and all(w.analytic == 0.0 for w in result.inputs[0].worst)
+    assert all(math.copysign(1.0, w.analytic) == 1.0 for w in result.inputs[0].worst)
+    target = tmp_path / "t.py"
+    target.write_text(_TARGETS)
+    assert cli_main(["gradcheck", f"{target}:bad", "--max-evaluations", "10"]) == 1
+    out = capsys.readouterr().out
+    assert "budget ran out" in out and "gradcheck FAILED" in out
+
+
+_BROKEN = textwrap.dedent('''
+    import torch
+
+    def boom():
+        return load_weights()
+
+    def load_weights():
+        raise FileNotFoundError("weights.pt not found")
+
+    def model_boom():
+        torch.zeros(2) @ torch.zeros(3)
+''')
+
+
+def test_cli_a_factory_that_raises_or_a_syntax_error_exits_2_with_one_line(tmp_path, capsys):
+    from floatscope._engines.target import load_target
+
+    target = tmp_path / "broken.py"
+    target.write_text(_BROKEN)
+    assert cli_main(["gradcheck", f"{target}:boom"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "calling boom()" in err and "FileNotFoundError: weights.pt not found" in err
+    assert f"{target}:8" in err  # the raise in load_weights, the user's line
+    syntax = tmp_path / "syntax.py"
+    syntax.write_text("def f(:\n    pass\n")
+    assert cli_main(["gradcheck", f"{syntax}:f"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "SyntaxError" in err and f"{syntax}:1" in err
+    with pytest.raises(floatscope.UsageError, match=r"calling model_boom\(\).*RuntimeError.*broken\.py:11"):
+        load_target(f"{target}:model_boom")

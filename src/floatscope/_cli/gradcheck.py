@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from floatscope._cli.render import console, fmt_num, plural, write_json
+from floatscope._cli.render import console, write_json
 
 __all__ = ["add_parser"]
 
@@ -16,7 +16,8 @@ def add_parser(sub: Any) -> None:
                           "differences and name the wrong elements",
         description="Check the backward of a function, a custom autograd.Function or a module (its parameters "
                     "included) against central finite differences in float64, localised to the wrong elements. "
-                    "Exit status: 0 passed, 1 a wrong gradient, 2 bad input.")
+                    "Exit status: 0 passed (kinks included), 1 failed (a wrong gradient, or unreliable: the function "
+                    "is not deterministic or its finite differences never converged), 2 bad input (no JSON written).")
     p.add_argument("target", metavar="TARGET",
                    help="path/to/file.py:factory; factory() returns (fn, inputs) or (module, inputs); inputs with "
                         "requires_grad (and the module's parameters) are checked")
@@ -28,6 +29,8 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the random projections and of every call (default 0)")
     p.add_argument("--max-reported", type=int, default=5, metavar="N",
                    help="stop localising a tensor after N wrong elements (default 5)")
+    p.add_argument("--max-evaluations", type=int, default=4000, metavar="N",
+                   help="budget of forward calls for the localisation (default 4000)")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(handler=main)
 
@@ -38,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
 
     fn, inputs = load_callable_target(args.target)
     result = gradcheck(fn, *inputs, eps=args.eps, atol=args.atol, rtol=args.rtol, seed=args.seed,
-                       max_reported=args.max_reported)
+                       max_reported=args.max_reported, max_evaluations=args.max_evaluations)
     if args.json:
         write_json(args.json, result.to_dict())
     print_gradcheck(result, console())
@@ -46,44 +49,28 @@ def main(args: argparse.Namespace) -> int:
 
 
 def print_gradcheck(result: Any, out: Any) -> None:
-    """Per checked tensor: the verdict, a table of the worst elements, and the likely cause."""
-    from rich.table import Table
+    """The report of ``print(result)`` (the same lines), with the verdicts coloured."""
     from rich.text import Text
 
-    colour = {"pass": "green", "kink": "yellow", "fail": "red", "unreliable": "yellow"}
-    for c in result.inputs:
-        label = f"{c.kind} {c.index}" + (f" [bold]{c.name}[/]" if c.name else "")
-        dtype = c.dtype.replace("torch.", "")
-        size = "x".join(str(s) for s in c.shape) or "scalar"
-        extra = ""
-        if c.verdict == "fail":
-            extra = (f": {plural(c.bad_elements, 'wrong element')}"
-                     + ("" if c.complete else f", at least {c.bad_elements_at_least} in all"))
-        elif c.verdict == "kink":
-            extra = f": {plural(c.kinks, 'element')} at a non-differentiable point"
-        out.print(f"{label} ({size}, {dtype}, step {c.step:.2g}): [{colour[c.verdict]}]{c.verdict}[/]{extra}")
-        if c.worst:
-            table = Table(show_edge=False, pad_edge=False, box=None, header_style="bold")
-            for name in ("element", "output", "analytic", "numeric", "abs error", "rel error", "tolerance", "kind"):
-                table.add_column(name, justify="right" if name not in ("element", "output", "kind") else "left",
-                                 no_wrap=True)
-            many_outputs = any(w.output_tensor for w in c.worst)
-            for w in c.worst:
-                output = "?" if w.output is None else _index(w.output)
-                if many_outputs:
-                    output = f"#{w.output_tensor} {output}"
-                table.add_row(_index(w.element), output, f"{w.analytic:.9g}", f"{w.numeric:.9g}",
-                              fmt_num(w.abs_error), fmt_num(w.rel_error), fmt_num(w.tolerance),
-                              Text(w.kind, style="red" if w.kind == "wrong" else "yellow"))
-            out.print(table)
-        if c.cause:
-            out.print(Text(f"  cause: {c.cause}", style="magenta"))
-    for note in result.notes:
-        out.print(f"[yellow]note[/]: {note}")
-    verdict = "[green]passed[/]" if result.passed else "[red]FAILED[/]"
-    out.print(f"gradcheck {verdict}: {plural(len(result.inputs), 'checked tensor')}, {result.evaluations} forward and "
-              f"{result.backward_passes} backward evaluations, {result.seconds:.3g} s")
+    from floatscope._engines.gradcheck import report_lines
 
-
-def _index(index: list[int]) -> str:
-    return "[" + ", ".join(str(i) for i in index) + "]"
+    colour = {"pass": "green", "kink": "yellow", "fail": "red", "unreliable": "yellow", "passed": "green",
+              "FAILED": "red", "wrong": "red", "jump": "yellow", "unresolved": "yellow"}
+    for line in report_lines(result):
+        text = Text(line)
+        if line.startswith("  cause: "):
+            text.stylize("magenta")
+        elif line.startswith("note: "):
+            text.stylize("yellow", 0, 4)
+        else:
+            words = line.rstrip().split(" ")
+            last = words[-1]
+            if line.startswith("gradcheck "):
+                text.stylize(colour[words[1].rstrip(":")], 10, 10 + len(words[1]) - 1)
+            elif "): " in line:
+                start = line.index("): ") + 3
+                verdict = line[start:].split(":")[0]
+                text.stylize(colour.get(verdict, ""), start, start + len(verdict))
+            elif last in colour:
+                text.stylize(colour[last], len(line.rstrip()) - len(last), len(line.rstrip()))
+        out.print(text)

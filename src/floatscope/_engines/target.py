@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from floatscope._errors import UsageError
+from floatscope._errors import FloatscopeError, UsageError
 
 __all__ = ["load_target", "load_callable_target"]
 
@@ -63,12 +63,25 @@ def _run_factory(target: str, returns: str) -> tuple[Any, Path, str]:
     sys.path.insert(0, str(path.resolve().parent))
     try:
         try:
-            spec.loader.exec_module(module)
+            try:
+                spec.loader.exec_module(module)
+            except SyntaxError as exc:
+                raise UsageError(f"cannot import '{path}': SyntaxError: {exc.msg} (at {exc.filename}:{exc.lineno})"
+                                 ) from None
+            except (FloatscopeError, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's module raised on import: one line, exit 2
+                raise UsageError(f"importing '{path}' raised {_one_line(exc)}") from None
             factory = getattr(module, factory_name, None)
             if not callable(factory):
                 raise UsageError(f"'{path}' has no callable '{factory_name}'; define def {factory_name}(): "
                                  f"{returns}")
-            made = factory()
+            try:
+                made = factory()
+            except (FloatscopeError, SystemExit):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the user's factory raised: one line, exit 2
+                raise UsageError(f"calling {factory_name}() from '{path}' raised {_one_line(exc)}") from None
         except SystemExit as exc:
             raise UsageError(f"importing '{path}' or calling {factory_name}() exited (status {exc.code}); a target "
                              f"file must build its model without running a script: put the script's code under "
@@ -77,3 +90,21 @@ def _run_factory(target: str, returns: str) -> tuple[Any, Path, str]:
         sys.path.pop(0)
         sys.argv = argv
     return made, path, factory_name
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: message (at file:line)``, the line being the innermost frame of the user's code (not
+    torch's or floatscope's) in the traceback, else the innermost frame."""
+    from floatscope._instrument.frames import is_internal
+
+    user = last = None
+    tb = exc.__traceback__
+    while tb is not None:
+        last = tb
+        if not is_internal(tb.tb_frame.f_code.co_filename):
+            user = tb
+        tb = tb.tb_next
+    at = user or last
+    where = f" (at {at.tb_frame.f_code.co_filename}:{at.tb_lineno})" if at is not None else ""
+    message = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {message}{where}"
