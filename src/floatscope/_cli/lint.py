@@ -18,7 +18,8 @@ def add_parser(sub: Any) -> None:
         description="Find unstable numerical patterns in Python source (nothing is run), with the failure each causes "
                     "and its stable rewrite. A file.py:factory target also exports the model with torch.export and "
                     "checks the graph's dtypes (epsilons that round to 0, mask constants beyond the dtype's range).",
-        epilog="Exit status: 0 no findings, 1 findings, 2 bad input (a missing path, an unknown rule). Configure "
+        epilog="Exit status: 0 no findings, 1 findings, 2 bad input (a missing path, an unknown rule), 4 floatscope "
+               "failed on a statement (an FS002 internal error, to report; the findings elsewhere are printed). Configure "
                "with [tool.floatscope.lint] select/ignore/exclude in pyproject.toml; silence one line with "
                "# floatscope: ignore[FS101].")
     p.add_argument("paths", nargs="+", metavar="PATH", help="files, folders, or file.py:factory model targets")
@@ -58,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(to_sarif(result), indent=2) + "\n")
     else:
         _print_text(result, fixing=args.fix)
+    if any(f.rule == "FS002" for f in result.findings):
+        return 4  # floatscope's own failure: not a clean run, and not the user's findings alone
     return 1 if result.findings else 0
 
 

@@ -22,7 +22,7 @@ _TARGET = re.compile(r"^(?P<path>.+\.py):(?P<factory>[A-Za-z_][A-Za-z0-9_]*)$")
 
 def _keep(finding: Finding, select: tuple[str, ...] | None, ignore: tuple[str, ...],
           ignored: dict[int, set[str] | None]) -> bool:
-    if finding.rule != "FS001" and not is_selected(finding.rule, select, ignore):
+    if finding.rule not in ("FS001", "FS002") and not is_selected(finding.rule, select, ignore):
         return False
     if finding.line in ignored:
         codes = ignored[finding.line]

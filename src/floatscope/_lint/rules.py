@@ -41,6 +41,9 @@ class Rule:
 _TABLE = (
     Rule("FS001", "syntax-error", "error", "a file that does not parse", "nothing in it can be checked",
          "fix the syntax error", "no"),
+    Rule("FS002", "internal-error", "error", "a statement (or file) floatscope failed to analyse: a floatscope bug",
+         "the findings of that statement are missing; the rest of the file and the other files were checked",
+         "report it with the statement; silence it with # floatscope: ignore[FS002] meanwhile", "no"),
     Rule("FS101", "log-of-softmax", "error", "log(softmax(z))",
          "a probability underflows to 0 once a logit trails the largest by more than 104 (float32), 92.8 (bfloat16) "
          "or 17.3 (float16); log(0) = -inf and its gradient is NaN",

@@ -34,7 +34,8 @@ _MODULES = {"Softmax": "softmax", "Sigmoid": "sigmoid", "BCELoss": "binary_cross
 # Methods and functions that keep a value what it is for these rules (its kind and dtype-independent meaning).
 _TRANSPARENT = {"contiguous", "clone", "detach", "cpu", "cuda", "view", "reshape", "squeeze", "unsqueeze", "permute",
                 "transpose", "flatten", "view_as", "reshape_as", "expand", "expand_as", "t", "float", "double", "half",
-                "bfloat16", "to", "type", "type_as", "numpy", "requires_grad_", "movedim", "item", "tolist"}
+                "bfloat16", "to", "type", "type_as", "numpy", "requires_grad_", "movedim", "item", "tolist",
+                "repeat", "tile", "broadcast_to", "swapaxes", "moveaxis", "atleast_1d", "atleast_2d"}
 _DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16", "float32": "float32", "float": "float32",
            "float64": "float64", "double": "float64"}
 _DTYPE_METHODS = {"half": "float16", "bfloat16": "bfloat16", "float": "float32", "double": "float64"}
@@ -56,6 +57,8 @@ _NONNEG_NAME = re.compile(r"(?i)(d2|r2|dist\w*|\w*_dist\w*|sq\w*|\w*_sq|\w*squar
 # In-place methods after which a name no longer holds what it was bound to (std.clamp_(min=eps)).
 _IN_PLACE = {"masked_fill_", "clamp_", "clamp_min_", "clamp_max_", "add_", "sub_", "mul_", "div_", "copy_", "fill_",
              "zero_", "nan_to_num_", "index_fill_", "masked_scatter_", "index_put_", "put_", "scatter_"}
+# exp stays finite (float32 overflows above 88.7) for arguments up to this.
+_EXP_SAFE = 88.0
 # Calls that return (values, indices): ``m, _ = x.max(dim)`` binds m to the values.
 _PAIRS = {"max", "min", "sort", "topk", "kthvalue", "median", "mode", "aminmax"}
 
@@ -81,6 +84,10 @@ class _Scope:
     self_attrs: dict[str, ast.expr] = field(default_factory=dict)
     # Expressions checked against 0 on the way here (``if n == 0: return``): ast.dump -> the names in it.
     guarded: dict[str, frozenset[str]] = field(default_factory=dict)
+    # Names capped from above earlier in the scope (t[t > 20] = 20, t.clamp_(max=20)): name -> the cap.
+    capped: dict[str, float] = field(default_factory=dict)
+    # Orderings a branch shows (``if a >= b:``): (ast.dump(larger), ast.dump(smaller)) -> the names in them.
+    ordered: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict)
 
 
 class _Analyzer:
@@ -146,9 +153,16 @@ class _Analyzer:
         return node, env
 
     def strip(self, node: ast.expr, env: Env, scope: _Scope, depth: int = 0) -> tuple[ast.expr, Env]:
-        """Resolve names and look through reshapes, copies and dtype casts."""
+        """Resolve names and look through reshapes, copies, dtype casts and new axes (``s[:, None]``, ``x.T``)."""
         for _ in range(30):
             node, env = self.resolve(node, env)
+            if isinstance(node, ast.Subscript) and _new_axes_only(node.slice):
+                node = node.value
+                continue
+            if isinstance(node, ast.Attribute) and node.attr in ("T", "mT") and not (
+                    isinstance(node.value, ast.Name) and node.value.id == "self"):
+                node = node.value
+                continue
             if isinstance(node, ast.Call):
                 info = self.call(node, env, scope)
                 if info is not None and info.op in _TRANSPARENT and info.operand is not None:
@@ -356,18 +370,89 @@ class _Analyzer:
         if node is None:
             return True
         node, env = self.strip(node, env, scope)
-        if self.is_constant(node, env) or self.nonpositive(node, env, scope):
+        if self.is_constant(node, env):  # exp(tensor([1000.])) overflows: only literals that keep it in range
+            values = self.literal_values(node, env)
+            return values is not None and all(v <= _EXP_SAFE for v in values)
+        if self.nonpositive(node, env, scope):
             return True
+        if isinstance(node, ast.Name) and scope.capped.get(node.id, math.inf) <= _EXP_SAFE:
+            return True  # t[t > 20] = 20, t.clamp_(max=20) earlier in the function
         info = self.call(node, env, scope)
         if info is None:
             return False
         if info.op in ("clamp_max", "minimum", "min"):
             return True
         if info.op == "clamp":
-            upper = [k.value for k in info.node.keywords if k.arg == "max"]
-            upper += info.node.args[(1 if info.family == "method" else 2):][:1]
-            return bool(upper) and self.is_constant(upper[0], env)
+            bound = self.upper_bound(info, env)
+            return bound is not None and bound <= _EXP_SAFE
         return False
+
+    def upper_bound(self, clamp: _Call, env: Env) -> float | None:
+        """The constant upper bound of a clamp call (``max=20`` or the second bound), or None."""
+        upper = [k.value for k in clamp.node.keywords if k.arg == "max"]
+        upper += clamp.node.args[(1 if clamp.family.startswith("method") else 2):][:1]
+        if not upper:
+            return None
+        values = self.literal_values(upper[0], env)
+        return max(values) if values else None
+
+    def literal_values(self, node: ast.expr, env: Env, depth: int = 0) -> list[float] | None:
+        """The numbers a constant expression holds (``tensor([1000., 1001.])`` -> [1000, 1001]), or None when they
+        are not plain numbers floatscope can evaluate."""
+        node, env = self.resolve(node, env)
+        if depth > 10:
+            return None
+        value = self.number(node, env)
+        if value is not None:
+            return [value]
+        if isinstance(node, (ast.Tuple, ast.List)):
+            out: list[float] = []
+            for e in node.elts:
+                part = self.literal_values(e, env, depth + 1)
+                if part is None:
+                    return None
+                out += part
+            return out
+        q = self.qual(node) if isinstance(node, (ast.Name, ast.Attribute)) else None
+        if q in ("math.pi", "numpy.pi", "torch.pi"):
+            return [math.pi]
+        if q in ("math.e", "numpy.e"):
+            return [math.e]
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            inner = self.literal_values(node.operand, env, depth + 1)
+            return None if inner is None else [-v if isinstance(node.op, ast.USub) else v for v in inner]
+        if isinstance(node, ast.BinOp):
+            left, right = self.literal_values(node.left, env, depth + 1), self.literal_values(node.right, env, depth + 1)
+            if left is None or right is None or not left or not right or (len(left) > 1 and len(right) > 1 and
+                                                                          len(left) != len(right)):
+                return None
+            ops = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+                   ast.Div: lambda a, b: a / b, ast.Pow: lambda a, b: a ** b}
+            fn = ops.get(type(node.op))
+            if fn is None:
+                return None
+            n = max(len(left), len(right))
+            try:
+                out = [float(fn(left[i % len(left)], right[i % len(right)])) for i in range(n)]
+            except (ArithmeticError, ValueError, TypeError):
+                return None
+            return out if all(isinstance(v, float) for v in out) else None
+        if isinstance(node, ast.Call) and node.args:
+            q = self.qual(node.func) or self.builtin(node.func, env) or ""
+            if q in ("torch.tensor", "torch.as_tensor", "numpy.array", "numpy.asarray", "numpy.float32",
+                     "numpy.float64", "float"):
+                return self.literal_values(node.args[0], env, depth + 1)
+            fn = getattr(math, q[len("math."):], None) if q.startswith("math.") and q.count(".") == 1 else None
+            if fn is not None and callable(fn) and len(node.args) <= 2:
+                args = [self.literal_values(a, env, depth + 1) for a in node.args]
+                if any(a is None or len(a) != 1 for a in args):
+                    return None
+                try:
+                    result = fn(*[a[0] for a in args])  # type: ignore[index]
+                except (ArithmeticError, ValueError, TypeError):
+                    return None
+                return [float(result)] if isinstance(result, (int, float)) else None
+        return None
 
     def nonpositive(self, node: ast.expr, env: Env, scope: _Scope, depth: int = 0) -> bool:
         """An expression that is never above 0: -|x|, -d2 / s, -0.5 * z ** 2, x - x.max(), log_softmax(z)."""
@@ -382,11 +467,18 @@ class _Analyzer:
         if isinstance(node, ast.BinOp):
             left, right, op = node.left, node.right, node.op
             if isinstance(op, ast.Sub):
+                if (ast.dump(right), ast.dump(left)) in scope.ordered:  # b - a under ``if a >= b:``
+                    return True
                 return self.max_shift(left, right, env, scope) or (
                     self.nonpositive(left, env, scope, depth + 1) and self.nonnegative(right, env, scope, depth + 1))
             if isinstance(op, ast.Add):
                 return self.nonpositive(left, env, scope, depth + 1) and self.nonpositive(right, env, scope, depth + 1)
             if isinstance(op, ast.Mult):
+                for const, other in ((left, right), (right, left)):  # -1.0 * x: only for x >= 0 by its form
+                    c = self.number(const, env)
+                    if c is not None:
+                        return (c <= 0 and self.nonnegative(other, env, scope, depth + 1)) or (
+                            c >= 0 and self.nonpositive(other, env, scope, depth + 1))
                 if isinstance(left, ast.UnaryOp) and isinstance(left.op, ast.USub):  # -gamma * d2 is -(gamma * d2)
                     if self.nonnegative_product(left.operand, right, env, scope, depth + 1):
                         return True
@@ -435,7 +527,12 @@ class _Analyzer:
         return node is raw and name is not None and bool(_NONNEG_NAME.fullmatch(name))
 
     def nonnegative_product(self, a: ast.expr, b: ast.expr, env: Env, scope: _Scope, depth: int) -> bool:
-        """a * b (or a / b) is never negative: one factor is by its form, the other is too or is a scale."""
+        """a * b (or a / b) is never negative: one factor is by its form, the other is too or is a scale. A literal
+        factor is not a scale: 1.0 * x is as signed as x."""
+        for const, other in ((a, b), (b, a)):
+            c = self.number(const, env)
+            if c is not None:
+                return c >= 0 and self.nonnegative(other, env, scope, depth)
         return (self.nonnegative(a, env, scope, depth) and self.scale(b, env, scope, depth)) or \
             (self.scale(a, env, scope, depth) and self.nonnegative(b, env, scope, depth))
 
@@ -458,12 +555,32 @@ class _Analyzer:
                 node = node.value
             else:
                 break
+        if isinstance(node, ast.Subscript) and self.same_tensor(x, env, node.value, node_env, scope) and \
+                any(self.argmax_of(n, x, env, node_env, scope) for n in ast.walk(node.slice)):
+            return True  # vec[0, argmax(vec)]: the max, picked by its index
         info = self.call(node, node_env, scope)
+        if info is not None and info.op in ("gather", "take_along_dim") and info.operand is not None and \
+                self.same_tensor(x, env, info.operand, node_env, scope) and \
+                any(self.argmax_of(n, x, env, node_env, scope) for a in info.node.args for n in ast.walk(a)):
+            return True  # x.gather(1, x.argmax(1, keepdim=True))
         if info is None or info.op not in ("max", "amax", "nanmax", "maximum", "logsumexp", "fmax"):
             return False
         candidates = ([info.operand] if info.operand is not None else []) + [
             a for a in info.node.args if a is not info.operand and not isinstance(a, ast.Starred)]
         return any(self.same_tensor(x, env, c, node_env, scope) for c in candidates)
+
+    def argmax_of(self, node: ast.AST, x: ast.expr, x_env: Env, env: Env, scope: _Scope) -> bool:
+        """``node`` is the index of x's max: x.argmax(..), torch.argmax(x, ..), or a helper named argmax(x)."""
+        if not isinstance(node, ast.Call):
+            return False
+        func = node.func
+        name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+        if name not in ("argmax", "nanargmax"):
+            return False
+        args = [a for a in node.args if not isinstance(a, ast.Starred)]
+        if isinstance(func, ast.Attribute) and self.qual(func) is None:
+            args.insert(0, func.value)  # x.argmax(1)
+        return any(self.same_tensor(x, x_env, a, env, scope) for a in args[:1])
 
     def same_tensor(self, a: ast.expr, a_env: Env, b: ast.expr, b_env: Env, scope: _Scope) -> bool:
         if ast.dump(a) == ast.dump(b):
@@ -698,7 +815,7 @@ class _Analyzer:
         self.block(tree.body, scope, deferred)
         # Functions see module-level names as bound when the module finished loading.
         for node in deferred:
-            self.definition(node, scope)
+            self.definition_isolated(node, scope)
 
     def definition(self, node: ast.stmt, outer: _Scope) -> None:
         if isinstance(node, ast.ClassDef):
@@ -711,7 +828,7 @@ class _Analyzer:
                         attrs[target.attr] = item.value
             for item in node.body:
                 if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                    self.definition(item, _Scope(env=outer.env, dtypes=dict(outer.dtypes), self_attrs=attrs))
+                    self.definition_isolated(item, _Scope(env=outer.env, dtypes=dict(outer.dtypes), self_attrs=attrs))
                 else:
                     self.block([item], _Scope(env=dict(outer.env)), [])
             return
@@ -727,7 +844,7 @@ class _Analyzer:
         nested: list[ast.stmt] = []
         self.block(node.body, scope, nested)
         for inner in nested:
-            self.definition(inner, scope)
+            self.definition_isolated(inner, scope)
 
     def bind(self, target: ast.expr, value: ast.expr | None, scope: _Scope, env: Env) -> None:
         if isinstance(target, ast.Name):
@@ -735,6 +852,8 @@ class _Analyzer:
             scope.env[target.id] = None if value is None else (value, env)
             scope.dtypes.pop(target.id, None)
             scope.guarded = {k: names for k, names in scope.guarded.items() if target.id not in names}
+            scope.ordered = {k: names for k, names in scope.ordered.items() if target.id not in names}
+            scope.capped.pop(target.id, None)
         elif isinstance(target, (ast.Tuple, ast.List)):
             values: list[ast.expr | None] = [None] * len(target.elts)
             if isinstance(value, (ast.Tuple, ast.List)) and len(value.elts) == len(target.elts):
@@ -749,7 +868,31 @@ class _Analyzer:
 
     def block(self, body: list[ast.stmt], scope: _Scope, deferred: list[ast.stmt]) -> None:
         for stmt in body:
-            self.statement(stmt, scope, deferred)
+            try:
+                self.statement(stmt, scope, deferred)
+            except Exception as exc:  # a floatscope bug: lose this statement's findings, not the file's
+                self.internal_error(stmt, exc)
+
+    def internal_error(self, at: ast.AST, exc: Exception) -> None:
+        """Report a failure of floatscope itself (FS002) at the statement being analysed, and carry on."""
+        from floatscope._version import __version__
+
+        line = getattr(at, "lineno", 1)
+        col = getattr(at, "col_offset", 0)
+        key = ("FS002", line, col)
+        if key in self.findings:
+            return
+        self.findings[key] = Finding(
+            "FS002", self.filename, line, col + 1, "error",
+            f"floatscope could not analyse {self.filename}:{line}: internal error {type(exc).__name__}: {exc}, please "
+            f"report it (floatscope {__version__}, with this statement); the findings of this statement are missing, "
+            f"the rest of the file and the other files were checked", None, False)
+
+    def definition_isolated(self, node: ast.stmt, outer: _Scope) -> None:
+        try:
+            self.definition(node, outer)
+        except Exception as exc:  # a floatscope bug in a signature or class body: keep the other definitions
+            self.internal_error(node, exc)
 
     def statement(self, stmt: ast.stmt, scope: _Scope, deferred: list[ast.stmt]) -> None:
         if isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -766,6 +909,9 @@ class _Analyzer:
                 if isinstance(target, ast.Subscript) and isinstance(target.value, ast.Name) and any(
                         isinstance(n, ast.Name) and n.id == target.value.id for n in ast.walk(target.slice)):
                     self.forget(target.value.id, scope)  # std[std == 0] = 1: no longer the std it was
+                    cap = self.cap_of(target, stmt.value, scope.env)
+                    if cap is not None:
+                        scope.capped[target.value.id] = cap  # t[t > 20] = 20: t is at most 20 from here on
                     continue
                 self.bind(target, stmt.value, scope, env)
             return
@@ -789,6 +935,15 @@ class _Analyzer:
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and \
                     isinstance(value.func.value, ast.Name) and value.func.attr in _IN_PLACE:
                 self.forget(value.func.value.id, scope)  # std.clamp_(min=eps), std.masked_fill_(std == 0, 1)
+                info = self.call(value, scope.env, scope)
+                bound = None
+                if info is not None and info.op == "clamp_":
+                    bound = self.upper_bound(info, scope.env)
+                elif info is not None and info.op == "clamp_max_" and value.args:
+                    values = self.literal_values(value.args[0], scope.env)
+                    bound = max(values) if values else None
+                if bound is not None:
+                    scope.capped[value.func.value.id] = bound  # t.clamp_(max=20)
                 return
             if isinstance(value, ast.Call) and isinstance(value.func, ast.Attribute) and \
                     isinstance(value.func.value, ast.Name):
@@ -814,16 +969,21 @@ class _Analyzer:
         if isinstance(stmt, ast.If):
             self.expression(stmt.test, scope)
             when_true, when_false = self.nonzero_when(stmt.test)
-            for body, known in ((stmt.body, when_true), (stmt.orelse, when_false)):
-                before = dict(scope.guarded)
+            order_true, order_false = self.order_when(stmt.test)
+            for body, known, order in ((stmt.body, when_true, order_true), (stmt.orelse, when_false, order_false)):
+                before, before_order = dict(scope.guarded), dict(scope.ordered)
                 self.guard(known, scope)
+                scope.ordered = {**scope.ordered, **dict(order)}
                 self.block(body, scope, deferred)
                 scope.guarded = {k: v for k, v in scope.guarded.items() if k in before or k not in dict(known)}
+                scope.ordered = {k: v for k, v in scope.ordered.items() if k in before_order or k not in dict(order)}
             # if n == 0: return / raise / continue: below the if, n is not 0
             if stmt.body and isinstance(stmt.body[-1], (ast.Return, ast.Raise, ast.Continue, ast.Break)):
                 self.guard(when_false, scope)
+                scope.ordered = {**scope.ordered, **dict(order_false)}
             if stmt.orelse and isinstance(stmt.orelse[-1], (ast.Return, ast.Raise, ast.Continue, ast.Break)):
                 self.guard(when_true, scope)
+                scope.ordered = {**scope.ordered, **dict(order_true)}
             return
         if isinstance(stmt, ast.While):
             self.expression(stmt.test, scope)
@@ -849,6 +1009,18 @@ class _Analyzer:
             if isinstance(child, ast.expr):
                 self.expression(child, scope)
 
+    def cap_of(self, target: ast.Subscript, value: ast.expr, env: Env) -> float | None:
+        """The cap ``t[t > c] = v`` puts on t (max(c, v)), or None when it is not that form with numbers."""
+        test = target.slice
+        v = self.number(value, env)
+        if v is None or not isinstance(test, ast.Compare) or len(test.ops) != 1:
+            return None
+        left, op, right = test.left, test.ops[0], test.comparators[0]
+        if not (isinstance(left, ast.Name) and isinstance(target.value, ast.Name) and left.id == target.value.id):
+            return None
+        c = self.number(right, env)
+        return max(c, v) if c is not None and isinstance(op, (ast.Gt, ast.GtE)) else None
+
     def forget(self, name: str, scope: _Scope) -> None:
         """``name`` was changed in place (std[std == 0] = 1, std.clamp_(min=eps)): stop following its old value."""
         found = self.dtype(ast.Name(id=name, ctx=ast.Load()), scope.env, scope)
@@ -860,6 +1032,27 @@ class _Analyzer:
     def guard(self, known: list[tuple[str, frozenset[str]]], scope: _Scope) -> None:
         for key, names in known:
             scope.guarded[key] = names
+
+    def order_when(self, test: ast.expr) -> tuple[list[tuple[tuple[str, str], frozenset[str]]],
+                                                  list[tuple[tuple[str, str], frozenset[str]]]]:
+        """The orderings (larger, smaller) a test shows when it is true, and when it is false: ``a >= b`` shows
+        a >= b when true and b >= a when false. Only comparisons of two expressions that are not numbers."""
+        if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And):
+            return [k for v in test.values for k in self.order_when(v)[0]], []
+        if isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not):
+            true, false = self.order_when(test.operand)
+            return false, true
+        if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and
+                isinstance(test.ops[0], (ast.Gt, ast.GtE, ast.Lt, ast.LtE))):
+            return [], []
+        left, right = test.left, test.comparators[0]
+        if self.number(left, {}) is not None or self.number(right, {}) is not None:
+            return [], []
+        names = frozenset(n.id for side in (left, right) for n in ast.walk(side) if isinstance(n, ast.Name))
+        a, b = ast.dump(left), ast.dump(right)
+        if isinstance(test.ops[0], (ast.Gt, ast.GtE)):
+            return [((a, b), names)], [((b, a), names)]
+        return [((b, a), names)], [((a, b), names)]
 
     def nonzero_when(self, test: ast.expr) -> tuple[list[tuple[str, frozenset[str]]], list[tuple[str, frozenset[str]]]]:
         """The expressions a test shows to be nonzero when it is true, and when it is false.
@@ -920,7 +1113,11 @@ class _Analyzer:
 
     def expression(self, root: ast.expr, scope: _Scope) -> None:
         env = scope.env
-        for node in _walk(root):
+        for node in _walk(root, stop=ast.IfExp):
+            if isinstance(node, ast.IfExp):
+                self.conditional(node, scope)
+                env = scope.env
+                continue
             if isinstance(node, ast.NamedExpr):  # (p := F.softmax(z, -1)): p is bound from here on
                 self.bind(node.target, node.value, scope, env)
                 env = scope.env
@@ -928,6 +1125,18 @@ class _Analyzer:
                 self.check_call(node, env, scope)
             elif isinstance(node, ast.BinOp):
                 self.check_binop(node, env, scope)
+
+    def conditional(self, node: ast.IfExp, scope: _Scope) -> None:
+        """``a / n if n > 0 else 0``: each branch is checked knowing what the test shows."""
+        self.expression(node.test, scope)
+        when_true, when_false = self.nonzero_when(node.test)
+        order_true, order_false = self.order_when(node.test)
+        for branch, known, order in ((node.body, when_true, order_true), (node.orelse, when_false, order_false)):
+            before, before_order = dict(scope.guarded), dict(scope.ordered)
+            self.guard(known, scope)
+            scope.ordered = {**scope.ordered, **dict(order)}
+            self.expression(branch, scope)
+            scope.guarded, scope.ordered = before, before_order
 
     # ---- the rules ---------------------------------------------------------------------------------------
 
@@ -971,6 +1180,10 @@ class _Analyzer:
                             f"atan2(|a x b|, a . b) for the angle")
         elif info.op == "sqrt" and info.operand is not None and info.family in ("torch", "method", "jax"):
             self.check_sqrt(info.operand, node, env, scope)
+        elif info.op == "pow" and info.operand is not None and info.family in ("torch", "method"):
+            exponent = node.args[0 if info.family == "method" else 1:][:1]
+            if exponent and self.number(exponent[0], env) == 0.5:
+                self.check_sqrt(info.operand, node, env, scope)  # x.pow(0.5) is sqrt(x)
         elif info.op == "rsqrt" and info.operand is not None:
             if self.is_variance(info.operand, env, scope):
                 self.report_rsqrt(node, info.operand)
@@ -1489,6 +1702,14 @@ class _Analyzer:
             return self.text(pos[1]) if len(pos) >= 2 else None  # x.norm(p, dim)
         return None
 
+    def dim_node(self, call: _Call) -> ast.expr | None:
+        """A reduction's dim argument (``dim=``, ``axis=`` or the first positional after the input), or None."""
+        for k in call.node.keywords:
+            if k.arg in ("dim", "axis"):
+                return k.value
+        pos = call.node.args[(0 if call.family == "method" else 1):]
+        return pos[0] if pos and not isinstance(pos[0], ast.Starred) else None
+
     def int_dim(self, node: ast.expr | None, env: Env) -> bool:
         """A single dim: an int literal (``-1``) or a name not bound to a tuple or list. ``(0, 1)`` is not one."""
         if node is None:
@@ -1515,9 +1736,7 @@ class _Analyzer:
                    f"keepdims=True)); e / e.sum({axis}, keepdims=True)")
         elif library == "jax":
             fix = f"jax.nn.softmax({x}, axis={dim or 'None'})"
-        elif dim is not None and total is not None and not self.int_dim(
-                next((k.value for k in total.node.keywords if k.arg == "dim"), None) or
-                total.node.args[(0 if total.family == "method" else 1)], env):
+        elif dim is not None and total is not None and not self.int_dim(self.dim_node(total), env):
             # softmax takes one dim: for several, subtract the max over them
             fix = (f"e = torch.exp({x} - {self.atom(ex.operand)}.amax(dim={dim}, keepdim=True)); "
                    f"e / e.sum(dim={dim}, keepdim=True)")
@@ -1603,13 +1822,26 @@ class _Analyzer:
                     "eps=1e-4 for pure float16 parameters")
 
 
-def _walk(root: ast.expr) -> Iterator[ast.AST]:
-    """Every node of an expression, outermost first."""
+def _new_axes_only(index: ast.expr) -> bool:
+    """An index that selects every element and only adds axes: ``[:, None]``, ``[..., None]``, ``[None]``."""
+    parts = index.elts if isinstance(index, ast.Tuple) else [index]
+    for part in parts:
+        if isinstance(part, ast.Constant) and (part.value is None or part.value is Ellipsis):
+            continue
+        if isinstance(part, ast.Slice) and part.lower is None and part.upper is None and part.step is None:
+            continue
+        return False
+    return True
+
+
+def _walk(root: ast.expr, stop: type | None = None) -> Iterator[ast.AST]:
+    """Every node of an expression, outermost first; below a ``stop`` node nothing (its caller walks it)."""
     todo: list[ast.AST] = [root]
     while todo:
         node = todo.pop(0)
         yield node
-        todo[:0] = list(ast.iter_child_nodes(node))
+        if stop is None or not isinstance(node, stop):
+            todo[:0] = list(ast.iter_child_nodes(node))
 
 
 def _comment_positions(source: str) -> list[tuple[int, int]]:
@@ -1672,5 +1904,8 @@ def analyze_source(source: str, filename: str) -> list[Finding]:
         return [Finding("FS001", filename, 1, 1, "error", f"cannot parse: {exc}; the file was not checked", None,
                         False)]
     analyzer = _Analyzer(source, filename)
-    analyzer.run(tree)
+    try:
+        analyzer.run(tree)
+    except Exception as exc:  # outside any statement (imports): report it, keep what was found
+        analyzer.internal_error(tree.body[0] if tree.body else tree, exc)
     return analyzer.results()
