@@ -20,7 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Find, explain and fix floating-point failures in PyTorch models.",
         epilog=("Exit status of every command: 0 success (no incident, no finding), 2 bad input or a missing "
                 "optional dependency, 3 a NaN/Inf incident (floatscope run, show), 1 findings (floatscope lint) or a "
-                "failed check (floatscope gradcheck). floatscope run adds 1 (the script failed), 130 (SIGINT), "
+                "failed check (floatscope gradcheck), 4 floatscope lint could not analyse a statement (an internal "
+                "error, reported as FS002). floatscope run adds 1 (the script failed), 130 (SIGINT), "
                 "143 (SIGTERM) and the script's own sys.exit status; see 'floatscope run --help'."),
     )
     from floatscope import __version__
