@@ -517,9 +517,55 @@ def test_nested_outputs_are_flattened():
 def test_failing_repr_names_the_worst_element_and_the_cause():
     fn = _sin_function(_one_column)
     text = repr(gradcheck(fn.apply, _x(4096)))
-    assert "element [1234] output [1234]" in text and "cause: 1 wrong element" in text and text.count("\n") == 1
+    assert text.startswith("GradcheckResult(FAILED: input 0 element [1234]: analytic 1.00529 vs numeric 0.335098 "
+                           "(3x), 1 wrong element; the backward is wrong: the custom autograd.Function")
+    assert len(text) <= 240 and "\n" not in text  # pytest cuts longer assertion messages in the middle
     assert repr(gradcheck(torch.sin, _x(4))).startswith("GradcheckResult(passed=True, 1 checked tensor,")
     assert "\n" not in repr(gradcheck(torch.sin, _x(4)))
+
+
+# -- the second user trial: many kinks and jumps, float32 inside, names ---------------------------
+
+
+def test_many_kinks_and_jumps_pass_and_bugs_among_them_are_found():
+    x = _x(200).detach()
+    x[:21] = 0.0
+    relu = gradcheck(torch.relu, x.clone().requires_grad_())
+    (check,) = relu.inputs
+    assert relu.passed and check.verdict == "kink" and check.kinks == 21 and check.complete
+    assert relu.evaluations < 200
+    jump = gradcheck(lambda t: (t > 0).double() + t.sin(), x.clone().requires_grad_()).inputs[0]
+    assert jump.passed and jump.verdict == "kink" and jump.jumps == 21
+    assert "the other elements were checked" in jump.cause
+    many = _x(4096).detach()
+    many[::2] = 0.0  # half the elements at relu's kink, and one wrong column elsewhere
+    bad = _sin_function(_one_column)
+    check = gradcheck(lambda t: torch.relu(t) + bad.apply(t), many.requires_grad_()).inputs[0]
+    assert check.verdict == "fail" and [w.element for w in check.worst if w.kind == "wrong"] == [[1234]]
+
+
+def test_a_float32_mask_or_constant_is_not_float32_computation():
+    bad = _sin_function(lambda gx, x: gx * torch.where(torch.arange(x.numel()) == 3, 1.01, 1.0).to(gx.dtype))
+    x = _x(4096).detach()
+    x[7] = 0.0
+    for fn in (lambda t: bad.apply(t) + torch.zeros(1), lambda t: (t > 0).float() + bad.apply(t)):
+        result = gradcheck(fn, x.clone().requires_grad_())
+        assert result.working_dtype == "torch.float64" and not result.notes
+        assert [w.element for w in result.inputs[0].worst if w.kind == "wrong"] == [[3]]
+
+
+@pytest.mark.parametrize("n", [10, 1000, 4096])
+def test_float32_inside_finds_one_element_wrong_by_3_percent_at_any_size(n):
+    bad = _sin_function(lambda gx, x: gx * torch.where(torch.arange(x.numel()) == 3, 1.03, 1.0).to(gx.dtype))
+    result = gradcheck(lambda t: bad.apply(t.float()).double(), _x(n))
+    assert result.working_dtype == "torch.float32"
+    assert [w.element for w in result.inputs[0].worst if w.kind == "wrong"] == [[3]]
+    assert gradcheck(lambda t: torch.sin(t.float()).double(), _x(n)).passed
+
+
+def test_torch_builtins_are_named_torch_sin():
+    with pytest.raises(floatscope.UsageError, match="calling torch.sin raised"):
+        gradcheck(torch.sin, _x(3), "not a tensor")
 
 
 def test_a_backward_rounded_to_float16_is_named():
