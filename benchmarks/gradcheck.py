@@ -39,10 +39,10 @@ def _sin_with(bug: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Call
     return Sin.apply
 
 
-def _column(factor: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _column(factor: float, elements: tuple[int, ...] = (1234,)) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     def bug(gx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         gx = gx.clone()
-        gx[1234] = gx[1234] * factor
+        gx[list(elements)] = gx[list(elements)] * factor
         return gx
 
     return bug
@@ -99,6 +99,7 @@ def cases() -> list[tuple[str, bool, Any, tuple, Callable[..., Any], tuple]]:
     for name, bug, n, has_bug in [
         ("one wrong column of 4,096 (x3)", _column(3.0), 4096, True),
         ("one wrong column of 4,096 (x1.001)", _column(1.001), 4096, True),
+        ("five wrong columns of 4,096 (x3)", _column(3.0, (17, 1234, 2222, 3001, 4000)), 4096, True),
         ("scaled gradient (x2), 4,096", lambda gx, x: 2 * gx, 4096, True),
         ("wrong only for negative inputs, 4,096", lambda gx, x: torch.where(x < 0, -gx, gx), 4096, True),
         ("correct custom Function, 4,096", lambda gx, x: gx, 4096, False),

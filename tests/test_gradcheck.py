@@ -108,6 +108,48 @@ def test_one_wrong_column_of_4096_is_found_with_its_values():
     assert result.evaluations < 200
 
 
+def test_several_wrong_columns_are_all_found_at_a_cost_that_grows_with_their_number():
+    elements = [17, 1234, 2222, 3001, 4000]
+
+    def bug(gx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        gx = gx.clone()
+        gx[elements] = gx[elements] * 3
+        return gx
+
+    x = _x(4096)
+    one = gradcheck(_sin_function(_one_column).apply, x)
+    result = gradcheck(_sin_function(bug).apply, x)
+    (check,) = result.inputs
+    assert check.verdict == "fail" and check.bad_elements == 5 and check.complete
+    assert sorted(w.element[0] for w in check.worst) == elements
+    for w in check.worst:
+        truth = math.cos(float(x[w.element[0]]))
+        assert w.output == w.element and w.kind == "wrong"
+        assert w.analytic == pytest.approx(3 * truth, rel=1e-12) and w.numeric == pytest.approx(truth, rel=1e-8)
+    # Halves are tested along the parent's direction and the second inferred from the first (two calls
+    # where the function is smooth): about two calls per level of the bisection, per wrong element.
+    assert one.evaluations <= 60 and result.evaluations <= 5 * one.evaluations
+
+
+def test_wrong_elements_among_a_dense_function_are_found_exactly():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            g = g.clone()
+            g[3, 17] *= 1.001
+            g[5, 200] *= -1.0
+            return g
+
+    x = _x(8, 256)
+    check = gradcheck(lambda t: torch.softmax(Scale.apply(t), -1), x, max_reported=10).inputs[0]
+    assert check.verdict == "fail" and check.complete
+    assert sorted(w.element for w in check.worst if w.kind == "wrong") == [[3, 17], [5, 200]]
+
+
 def test_torch_fast_mode_misses_the_one_column_bug():
     """The anchor this check is measured against (benchmarks/gradcheck.py)."""
     fn = _sin_function(_one_column)

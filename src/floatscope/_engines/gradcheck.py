@@ -27,9 +27,16 @@ checked tensor ``x`` with ``n`` elements and the flattened outputs ``y = f(x)`` 
    zero or tie there would put a jump into every projection's noise), and a block whose
    truncation is above the noise but whose linear part ``|8 d₁ − d₂| / 6`` is larger still (a
    jump gives ``d₂ ≈ d₁``; a step longer than the function's scale anything) is split, not passed.
-3. **Localisation.** A failing (or untrusted) block is split in halves and both are tested, best
-   first (the largest error per unit step), down to single elements, until ``max_reported`` bad
-   elements are found or the evaluation budget is spent.
+3. **Localisation.** A failing (or untrusted) block is split in halves, best first (the largest
+   error per unit step), down to single elements, until ``max_reported`` bad elements are found or
+   the evaluation budget is spent. In float64 only the first half is evaluated, along the parent's
+   own direction restricted to it; the second half's numeric sides are the parent's less the first's
+   (the same points on every element, so they add up; the cubic cross terms are truncation, and the
+   second half's two-step estimate sees them as such), and its tolerance is its own. Where the parent
+   showed the function smooth (truncation within the rounding noise, nothing suspicious), the first
+   half takes two calls (``x ± w``) and both halves keep the parent's truncation; if such a descent
+   ends at an element that passes, the rest of that tensor is halved with four calls. So a level of
+   the bisection costs two calls (four, or eight in lower working precision, otherwise).
 4. **Elements.** For a bad element, its whole numeric Jacobian column (steps h and 2h, same error
    estimate per output) and the analytic value of the output that disagrees most (all rows when
    the function has at most 64 outputs, else a bisection over outputs with shared backward passes)
@@ -617,6 +624,16 @@ class _Block:
     ratio: float      # max over cotangents of |d1| / tol
     score: float      # |d1| / ‖Δx‖: error per unit step, for best-first order
     suspicious: bool = False  # passed, but the error estimate does not fit a smooth function
+    # Float64 blocks keep what their halves need (``_Checker.split``): the direction, the numeric sides
+    # ``uᵀ(f(x + w) − f(x − w))`` (and at 2w: None for a two-call block), the truncation, how many
+    # measured projections the numeric sides combine, the element count, and whether two calls decided it.
+    w: torch.Tensor | None = None
+    num1: list[float] | None = None
+    num2: list[float] | None = None
+    trunc: list[float] | None = None
+    terms: int = 1
+    size: int = 0
+    two_call: bool = False
 
     @property
     def open(self) -> bool:
@@ -652,6 +669,7 @@ class _Checker:
         self.sigma = self._noise_probe()  # (m,)
         self.refined: dict[int, int] = {}          # leaf -> elements that passed only at a refined step
         self.refined_step: dict[int, float] = {}   # leaf -> the finest such step
+        self.two_call_ok: dict[int, bool] = {}     # leaf -> False once a two-call descent ended at a fine element
         self.u_matrix = torch.stack(self.cotangents)  # (K, m)
         self.u_norms = self.u_matrix.norm(dim=1)  # (K,)
         self.g_matrix = [torch.stack([row[leaf] for row in self.rows]) for leaf in range(len(problem.leaves))]  # (K, n)
@@ -750,6 +768,12 @@ class _Checker:
         w = self._direction(leaf, sel)
         points = [x - 2 * w, x - w, x + w, x + 2 * w]
         fm2, fm1, fp1, fp2 = self._evaluate_at(leaf, points)
+        if not self.low:
+            phi = (torch.stack([fm2, fm1, fp1, fp2]) @ self.u_matrix.T).tolist()  # (4, K)
+            num1 = [phi[2][k] - phi[1][k] for k in range(_K)]
+            num2 = [phi[3][k] - phi[0][k] for k in range(_K)]
+            block = self._judge(leaf, lo, hi, sel, w, num1, num2, terms=1, g_full=g_full)
+            return block if g_full is None else replace(block, w=None, num1=None, num2=None)
         dx1 = (points[2] - points[1])[sel]
         dx2 = (points[3] - points[0])[sel]
         # One matrix product per side for all cotangents: phi[t, k] = u_kᵀ f(x + t w).
@@ -788,6 +812,98 @@ class _Checker:
             ratio = max(ratio, r)
             score = max(score, stat / norm if norm > 0 and math.isfinite(d1) else math.inf)
         return _Block(leaf, lo, hi, ratio, score, suspicious)
+
+    def _judge(self, leaf: int, lo: int, hi: int, sel: slice | torch.Tensor, w: torch.Tensor, num1: list[float],
+               num2: list[float] | None, *, terms: int, trunc: list[float] | None = None,
+               g_full: torch.Tensor | None = None) -> _Block:
+        """The float64 statistic of a block from its numeric sides ``num1 = uᵀ(f(x + w) − f(x − w))`` and
+        ``num2`` (at 2w; None: two calls only, the truncation ``trunc`` inherited from a parent whose
+        function was smooth). ``terms`` measured projections summed: the rounding noise grows as √terms."""
+        x = self.p.leaves[leaf].value
+        xs, ws = x[sel], w[sel]  # (b,)
+        dx1 = (xs + ws) - (xs - ws)  # exact float64 differences of the points: rounding of the step is moot
+        dx2 = (xs + 2 * ws) - (xs - 2 * ws)
+        g = (self.g_matrix[leaf] if g_full is None else g_full)[:, sel]  # (K, b)
+        user = self.atol * self.u_norms[:, None] + self.rtol * g.abs()
+        sides = torch.stack([g @ dx1, g @ dx2, g.abs() @ dx1.abs(), (dx1 * user).norm(dim=1)]).tolist()  # (4, K)
+        ratio, score, suspicious = 0.0, 0.0, False
+        norm = float(dx1.norm())
+        truncs: list[float] = []
+        for k in range(_K):
+            noise = self.noise[k] * math.sqrt(terms)
+            d1 = num1[k] - sides[0][k]
+            around = _KAPPA * self.eps_work * sides[2][k]
+            if num2 is not None:
+                d2 = num2[k] - sides[1][k]
+                # d(t) = b·t + c·t³ (+ noise): c from the two steps is the truncation, b a bug.
+                t = abs(d2 - 2 * d1) / 6
+                linear = abs(8 * d1 - d2) / 6
+                # The tolerance is only as good as the model: truncation well above the noise but a
+                # "bug" part larger still is not cubic (a jump gives d₂ ≈ d₁, a step longer than the
+                # function's scale anything): do not pass such a block, split it.
+                if t > 4 * (noise + around) and linear > t:
+                    suspicious = True
+            else:
+                t = trunc[k] if trunc is not None else math.inf
+            truncs.append(t)
+            tol = _C * (t + noise + around) + _STAT_T * sides[3][k]
+            stat = abs(d1)
+            r = stat / tol if tol > 0 else (0.0 if stat == 0 else math.inf)
+            if not math.isfinite(d1):
+                r = math.inf
+            ratio = max(ratio, r)
+            score = max(score, stat / norm if norm > 0 and math.isfinite(d1) else math.inf)
+        size = int(xs.numel())
+        return _Block(leaf, lo, hi, ratio, score, suspicious, w=w, num1=num1, num2=num2, trunc=truncs, terms=terms,
+                      size=size, two_call=num2 is None)
+
+    def smooth(self, block: _Block) -> bool:
+        """Did the block show the function smooth (truncation within the rounding noise, no jump)? Then its
+        halves are tested with two calls (x ± w), the truncation taken from it."""
+        return (not block.suspicious and block.trunc is not None
+                and all(t <= self.noise[k] for k, t in enumerate(block.trunc)))
+
+    def can_split(self, leaf: int, parent: _Block, size: int) -> bool:
+        """Can ``split`` halve this block? Float64 only, a block measured along its own direction whose
+        elements are still all there (a kink found since leaves the sum), and four-call sides to
+        subtract unless two calls are allowed."""
+        if self.low or parent.w is None or parent.num1 is None or parent.size != size:
+            return False
+        if parent.num2 is not None:
+            return True
+        return parent.trunc is not None and self.smooth(parent) and self.two_call_ok.get(leaf, True)
+
+    def split(self, leaf: int, parent: _Block, halves: list[tuple[int, int, torch.Tensor | None]]) -> list[_Block]:
+        """Both halves of a failing float64 block for the calls of one: the first is measured along the
+        parent's own direction restricted to it, the second is the parent less the first. The numeric
+        sides add up exactly (same points on each element), the analytic ones too, and what the second
+        half's inferred sides miss is the cubic cross terms, which its truncation estimate from the two
+        steps sees as any truncation. Two calls when the parent was smooth, else four."""
+        x = self.p.leaves[leaf].value
+        assert parent.w is not None and parent.num1 is not None
+        sels: list[slice | torch.Tensor] = [slice(lo, hi) if sub is None else sub for lo, hi, sub in halves]
+        w_first = torch.zeros_like(x)
+        w_first[sels[0]] = parent.w[sels[0]]
+        w_second = torch.zeros_like(x)
+        w_second[sels[1]] = parent.w[sels[1]]
+        two = self.smooth(parent) and self.two_call_ok.get(leaf, True)
+        steps = (-1.0, 1.0) if two else (-2.0, -1.0, 1.0, 2.0)
+        evals = self._evaluate_at(leaf, [x + t * w_first for t in steps])
+        phi = (torch.stack(evals) @ self.u_matrix.T).tolist()  # (len(steps), K)
+        if two:
+            num1 = [phi[1][k] - phi[0][k] for k in range(_K)]
+            num2 = None
+        else:
+            num1 = [phi[2][k] - phi[1][k] for k in range(_K)]
+            num2 = [phi[3][k] - phi[0][k] for k in range(_K)]
+        rest1 = [parent.num1[k] - num1[k] for k in range(_K)]
+        rest2 = (None if num2 is None or parent.num2 is None else [parent.num2[k] - num2[k] for k in range(_K)])
+        trunc = parent.trunc if two else None
+        (lo1, hi1, _), (lo2, hi2, _) = halves
+        first = self._judge(leaf, lo1, hi1, sels[0], w_first, num1, num2, terms=1, trunc=trunc)
+        second = self._judge(leaf, lo2, hi2, sels[1], w_second, rest1, rest2, terms=parent.terms + 1,
+                             trunc=trunc if rest2 is None else None)
+        return [first, second]
 
     # -- one element ---------------------------------------------------------------------------
 
@@ -1271,6 +1387,10 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
         if size == 1:
             i = block.lo if idx is None else int(idx[0])
             element = checker.check_element(k, i)
+            if element is None and block.two_call:
+                # Two calls sent the search to a fine element: the truncation taken from the parent did not
+                # hold here; the rest of this tensor's halves get all four calls.
+                checker.two_call_ok[k] = False
             if element is not None:
                 found.append(element)
                 wrong += element.kind == "wrong"
@@ -1280,6 +1400,11 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
         mid = (block.lo + block.hi) // 2
         if idx is not None:  # split the remaining elements, not the range, in halves
             mid = int(idx[size // 2])
+        halves = [(block.lo, mid, rest(block.lo, mid)), (mid, block.hi, rest(mid, block.hi))]
+        if checker.can_split(k, block, size):
+            for half in checker.split(k, block, halves):
+                push(half)
+            continue
         for lo, hi in ((block.lo, mid), (mid, block.hi)):
             sub = rest(lo, hi)
             if sub is not None and sub.numel() == 0:
