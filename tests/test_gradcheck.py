@@ -671,9 +671,11 @@ def test_report_prints_zero_not_minus_zero_and_matches_the_cli(tmp_path, capsys)
     assert all(math.copysign(1.0, w.analytic) == 1.0 for w in result.inputs[0].worst)
     target = tmp_path / "t.py"
     target.write_text(_TARGETS)
-    assert cli_main(["gradcheck", f"{target}:bad", "--max-evaluations", "10"]) == 1
+    assert cli_main(["gradcheck", f"{target}:bad", "--max-evaluations", "16"]) == 1
     out = capsys.readouterr().out
     assert "budget ran out" in out and "gradcheck FAILED" in out
+    assert cli_main(["gradcheck", f"{target}:bad", "--max-evaluations", "10"]) == 2  # below what a check needs
+    assert "max_evaluations=10 is below the 15 forward calls" in capsys.readouterr().err
 
 
 _BROKEN = textwrap.dedent('''
@@ -706,3 +708,86 @@ def test_cli_a_factory_that_raises_or_a_syntax_error_exits_2_with_one_line(tmp_p
     assert err.count("\n") == 1 and "SyntaxError" in err and f"{syntax}:1" in err
     with pytest.raises(floatscope.UsageError, match=r"calling model_boom\(\).*RuntimeError.*broken\.py:11"):
         load_target(f"{target}:model_boom")
+
+
+class _SinSquareOff(torch.autograd.Function):
+    """sin(u) whose backward is off by ``factor`` at element 0 (applied to u = x·x)."""
+
+    factor = 1.05
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: ANN001, ANN205
+        (x,) = ctx.saved_tensors
+        d = x.cos()
+        d[0] *= _SinSquareOff.factor
+        return g * d
+
+
+@pytest.mark.parametrize("n, factor", [(1, 1.05), (10, 1.05), (100, 1.05), (1000, 1.2), (100, 1.01), (1000, 1.05)])
+def test_a_bug_in_a_fast_varying_function_is_not_hidden_by_truncation(n, factor, monkeypatch):
+    monkeypatch.setattr(_SinSquareOff, "factor", factor)
+    torch.manual_seed(0)
+    x = (100 + torch.rand(n, dtype=torch.float64)).requires_grad_()
+    result = gradcheck(lambda t: _SinSquareOff.apply(t * t), x)
+    (check,) = result.inputs
+    assert not result.passed and check.verdict == "fail" and check.max_ratio > 1, str(result)
+    w = check.worst[0]
+    xi = float(x[0].detach())
+    assert w.element == [0] and w.output == [0] and w.kind == "wrong"
+    assert w.numeric == pytest.approx(2 * xi * math.cos(xi * xi), rel=1e-4)
+    assert w.analytic == pytest.approx(factor * 2 * xi * math.cos(xi * xi), rel=1e-9)
+
+
+@pytest.mark.parametrize("centre", [3.0, 100.0, 1000.0])
+def test_a_correct_fast_varying_function_still_passes_with_a_consistent_max_ratio(centre):
+    g = torch.Generator().manual_seed(1)
+    x = (centre + torch.rand(100, generator=g, dtype=torch.float64)).requires_grad_()
+    result = gradcheck(lambda t: torch.sin(t * t), x)
+    (check,) = result.inputs
+    assert result.passed and check.verdict == "pass" and check.max_ratio <= 1, str(result)
+
+
+def test_max_ratio_agrees_with_the_verdict_on_correct_functions():
+    for fn, inputs in [(lambda x: torch.softmax(x, -1), (_x(16, 64),)), (torch.exp, (_x(1000),)),
+                       (lambda x: torch.sin(x * x), ((_x(200).detach() * 30).requires_grad_(),))]:
+        result = gradcheck(fn, *inputs)
+        assert result.passed and all(c.max_ratio <= 1 for c in result.inputs), str(result)
+
+
+def test_a_budget_below_what_a_check_needs_is_refused():
+    x = _x(100)
+    with pytest.raises(floatscope.UsageError, match="max_evaluations=5 is below the 15 forward calls"):
+        gradcheck(torch.sin, x, max_evaluations=5)
+    result = gradcheck(torch.sin, x, max_evaluations=15)
+    assert result.passed and result.evaluations <= 15
+
+
+def test_a_nan_from_the_backward_is_reported_at_its_output():
+    class NanAt50(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):  # noqa: ANN001, ANN205
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):  # noqa: ANN001, ANN205
+            (x,) = ctx.saved_tensors
+            d = x.cos()
+            d[50] = float("nan")
+            return g * d
+
+    for n in (60, 100):
+        x = _x(n)
+        result = gradcheck(NanAt50.apply, x)
+        (check,) = result.inputs
+        assert check.verdict == "fail" and "the backward returns NaN" in check.cause, str(result)
+        w = check.worst[0]
+        assert w.element == [50] and w.output == [50] and math.isnan(w.analytic) and math.isfinite(w.tolerance)
+        assert w.numeric == pytest.approx(math.cos(float(x[50].detach())), rel=1e-6)
+        data = result.to_dict()["inputs"][0]["worst"][0]
+        assert data["analytic"] is None and data["output"] == [50]

@@ -30,7 +30,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--max-reported", type=int, default=5, metavar="N",
                    help="stop localising a tensor after N wrong elements (default 5)")
     p.add_argument("--max-evaluations", type=int, default=4000, metavar="N",
-                   help="budget of forward calls for the localisation (default 4000)")
+                   help="budget of forward calls in all (default 4000); below what a check needs (11 + 4 per checked tensor) is refused, exit 2")
     p.add_argument("--json", metavar="PATH", help="also write the result as JSON")
     p.set_defaults(handler=main)
 

@@ -133,7 +133,9 @@ class InputCheck:
     ``named_parameters()`` order. ``bad_elements`` counts the elements localised as wrong;
     ``complete`` is False when the search stopped (``max_reported`` or the budget) with failing
     blocks left, so there are at least ``bad_elements_at_least`` bad elements. ``max_ratio`` is the
-    largest ``|analytic − numeric| / tolerance`` of the screening projections (below 1 passes).
+    largest ``|analytic − numeric| / tolerance`` of the judgments that stand (blocks that passed, elements
+    cleared by their column): at most 1 when the tensor passes, by construction; a failing tensor's
+    includes its failing projections.
     ``kinks`` counts the non-differentiable elements (``jumps`` of them discontinuities);
     ``unresolved`` the elements whose finite differences never converged (verdict ``unreliable``).
     """
@@ -634,6 +636,9 @@ class _Block:
     terms: int = 1
     size: int = 0
     two_call: bool = False
+    share: float = 0.0       # largest share of the tolerance that the truncation estimate takes (float64)
+    rounding: float = 0.0    # largest share of the truncation estimate that rounding takes (float64)
+    scale: float = 1.0       # the direction's step relative to the elements' steps (refined: 1/10, 1/100, ...)
 
     @property
     def open(self) -> bool:
@@ -670,6 +675,7 @@ class _Checker:
         self.refined: dict[int, int] = {}          # leaf -> elements that passed only at a refined step
         self.refined_step: dict[int, float] = {}   # leaf -> the finest such step
         self.two_call_ok: dict[int, bool] = {}     # leaf -> False once a two-call descent ended at a fine element
+        self.last_ratio = 0.0                      # the ratio of check_element's last passing judgment
         self.u_matrix = torch.stack(self.cotangents)  # (K, m)
         self.u_norms = self.u_matrix.norm(dim=1)  # (K,)
         self.g_matrix = [torch.stack([row[leaf] for row in self.rows]) for leaf in range(len(problem.leaves))]  # (K, n)
@@ -759,20 +765,40 @@ class _Checker:
             flat &= abs(d2 - d1) < 0.5 * abs(d1)
         return ratio, flat
 
+    def screen(self, leaf: int, lo: int, hi: int, idx: torch.Tensor | None = None) -> _Block:
+        """``test_block``, with the step refined where the truncation estimate is a large share of the
+        tolerance (the step is too long for the function's curvature: a bug would hide in it). The block is
+        measured again at h/10, h/100, ... as long as the truncation estimate shrinks like h² (its share of
+        the tolerance by ~100 per step) and rounding stays below it; the finest such measurement judges."""
+        block = self.test_block(leaf, lo, hi, idx=idx)
+        for _ in range(4):
+            if self.low or block.w is None or block.trunc is None or block.share <= 0.25 or block.rounding >= 0.5:
+                break
+            # The same direction, a tenth as long: the truncation of d (∝ t³) shrinks 1000x, a bug's part
+            # (∝ t) only 10x. A truncation that does not shrink at least 100x is not the cubic term (the
+            # function is not smooth on that scale): keep the coarser judgment.
+            finer = self.test_block(leaf, lo, hi, idx=idx, w=block.w / 10, scale=block.scale / 10)
+            if finer.trunc is None or max(finer.trunc) > max(block.trunc) / 100:
+                break
+            block = finer
+        return block
+
     def test_block(self, leaf: int, lo: int, hi: int, g_full: torch.Tensor | None = None,
-                   idx: torch.Tensor | None = None) -> _Block:
+                   idx: torch.Tensor | None = None, scale: float = 1.0, w: torch.Tensor | None = None) -> _Block:
         """One projection of elements ``lo:hi`` (or of the indices ``idx``, e.g. ``lo:hi`` less the elements
-        already known to be non-differentiable); ``g_full`` (K, n) replaces the analytic rows (a hypothesis)."""
+        already known to be non-differentiable); ``g_full`` (K, n) replaces the analytic rows (a hypothesis);
+        ``w``, when given, is the direction (``scale``: its length relative to the elements' steps)."""
         x = self.p.leaves[leaf].value
         sel: slice | torch.Tensor = slice(lo, hi) if idx is None else idx
-        w = self._direction(leaf, sel)
+        if w is None:
+            w = self._direction(leaf, sel) * scale
         points = [x - 2 * w, x - w, x + w, x + 2 * w]
         fm2, fm1, fp1, fp2 = self._evaluate_at(leaf, points)
         if not self.low:
             phi = (torch.stack([fm2, fm1, fp1, fp2]) @ self.u_matrix.T).tolist()  # (4, K)
             num1 = [phi[2][k] - phi[1][k] for k in range(_K)]
             num2 = [phi[3][k] - phi[0][k] for k in range(_K)]
-            block = self._judge(leaf, lo, hi, sel, w, num1, num2, terms=1, g_full=g_full)
+            block = replace(self._judge(leaf, lo, hi, sel, w, num1, num2, terms=1, g_full=g_full), scale=scale)
             return block if g_full is None else replace(block, w=None, num1=None, num2=None)
         dx1 = (points[2] - points[1])[sel]
         dx2 = (points[3] - points[0])[sel]
@@ -826,7 +852,7 @@ class _Checker:
         g = (self.g_matrix[leaf] if g_full is None else g_full)[:, sel]  # (K, b)
         user = self.atol * self.u_norms[:, None] + self.rtol * g.abs()
         sides = torch.stack([g @ dx1, g @ dx2, g.abs() @ dx1.abs(), (dx1 * user).norm(dim=1)]).tolist()  # (4, K)
-        ratio, score, suspicious = 0.0, 0.0, False
+        ratio, score, suspicious, share, rounding = 0.0, 0.0, False, 0.0, 0.0
         norm = float(dx1.norm())
         truncs: list[float] = []
         for k in range(_K):
@@ -847,6 +873,9 @@ class _Checker:
                 t = trunc[k] if trunc is not None else math.inf
             truncs.append(t)
             tol = _C * (t + noise + around) + _STAT_T * sides[3][k]
+            if tol > 0 and math.isfinite(t):
+                share = max(share, _C * t / tol)
+            rounding = max(rounding, (noise + around) / t if t > 0 else math.inf)
             stat = abs(d1)
             r = stat / tol if tol > 0 else (0.0 if stat == 0 else math.inf)
             if not math.isfinite(d1):
@@ -855,7 +884,7 @@ class _Checker:
             score = max(score, stat / norm if norm > 0 and math.isfinite(d1) else math.inf)
         size = int(xs.numel())
         return _Block(leaf, lo, hi, ratio, score, suspicious, w=w, num1=num1, num2=num2, trunc=truncs, terms=terms,
-                      size=size, two_call=num2 is None)
+                      size=size, two_call=num2 is None, share=share, rounding=rounding)
 
     def smooth(self, block: _Block) -> bool:
         """Did the block show the function smooth (truncation within the rounding noise, no jump)? Then its
@@ -903,7 +932,7 @@ class _Checker:
         first = self._judge(leaf, lo1, hi1, sels[0], w_first, num1, num2, terms=1, trunc=trunc)
         second = self._judge(leaf, lo2, hi2, sels[1], w_second, rest1, rest2, terms=parent.terms + 1,
                              trunc=trunc if rest2 is None else None)
-        return [first, second]
+        return [replace(first, scale=parent.scale), replace(second, scale=parent.scale)]
 
     # -- one element ---------------------------------------------------------------------------
 
@@ -919,6 +948,7 @@ class _Checker:
         """The element's Jacobian column; None when it passes after all (the block failed by chance,
         or its error estimate was suspicious and the element is fine)."""
         x = self.p.leaves[leaf].value
+        self.last_ratio = math.inf
         h = float(self.steps[leaf][i])
         (fm2, xm2), (fm1, xm1), (fp1, xp1), (fp2, xp2) = (self._at(leaf, i, t * h) for t in (-2.0, -1.0, 1.0, 2.0))
         xi = float(x[i])
@@ -934,21 +964,28 @@ class _Checker:
         est2 = 4 * trunc + sigma / (xp2 - xm2)
         # A wrong backward is off by the same amount at steps h and 2h; noise is not, truncation is
         # in the estimate: the element fails only if both steps disagree with the analytic value.
-        if not (self._failing(leaf, i, col1, est, noise) and self._failing(leaf, i, col2, est2, sigma / (xp2 - xm2))):
-            return None
-        j = self._worst_output(leaf, i, col1, est)
-        a = float(self._exact_row(j)[leaf][i])
+        r1 = self._ratio(leaf, i, col1, est, noise)
+        r2 = self._ratio(leaf, i, col2, est2, sigma / (xp2 - xm2))
         # Steps h and 2h that disagree by more than 1% have not converged (the function varies on
-        # a scale shorter than the step, sin(x²) at large x): refine before calling it wrong (or a kink:
-        # the central differences at a kink converge, to the mean of the two slopes).
+        # a scale shorter than the step, sin(x²) at large x): their truncation estimate is then a
+        # tolerance loose enough to hide a bug of several percent, so refine before judging, pass or
+        # fail (or a kink: the central differences at a kink converge, to the mean of the two slopes).
         # So have steps whose "noise" (measured by the probe, or the function varying at a finer scale
         # still) is a tenth of the column or more, where outputs change at all: agreement within it proves nothing.
         scale = torch.maximum(col1.abs(), col2.abs())
         changed = ((fp1 != fm1) | (fp2 != fm2)).to(noise.dtype)
         u = self.cotangents[0].abs()
+        # And so do steps whose truncation estimate is most of the tolerance (over 3x the rounding): steps
+        # h and 2h may agree to 1%, yet 8x their difference would pass a bug of a few percent.
         if (not bool(((col2 - col1).abs() <= 0.01 * scale + _C * (noise + sigma / (xp2 - xm2))).all())
-                or float(u @ (noise * changed)) > 0.1 * float(u @ col1.abs())):
+                or float(u @ (noise * changed)) > 0.1 * float(u @ col1.abs())
+                or float(u @ trunc) > 3 * float(u @ noise)):
             return self._refine(leaf, i, h, col1, noise)
+        self.last_ratio = min(r1, r2)
+        if self.last_ratio <= 1:
+            return None
+        j = self._worst_output(leaf, i, col1, est)
+        a = float(self._exact_row(j)[leaf][i])
         # One-sided slopes: a kink keeps its jump when the step doubles; curvature would double it.
         f0 = float(self.f0[j])
         right1, left1 = (float(fp1[j]) - f0) / (xp1 - xi), (f0 - float(fm1[j])) / (xi - xm1)
@@ -980,6 +1017,12 @@ class _Checker:
                  noise: torch.Tensor | None = None) -> bool:
         """Does the column ``col`` (error estimate ``est``, of which ``noise`` is rounding) disagree with the
         analytic rows? In lower precision the rounding part adds in quadrature over the outputs."""
+        return self._ratio(leaf, i, col, est, noise) > 1
+
+    def _ratio(self, leaf: int, i: int, col: torch.Tensor, est: torch.Tensor,
+               noise: torch.Tensor | None = None) -> float:
+        """The largest ``|analytic − numeric| / tolerance`` of the column over the cotangents (inf: non-finite)."""
+        worst = 0.0
         for u, row in zip(self.cotangents, self.rows, strict=True):
             a = float(row[leaf][i])
             slack = _STAT_T * (self.atol * float(u.norm()) + self.rtol * float(u.abs() @ col.abs()))
@@ -988,9 +1031,11 @@ class _Checker:
                 budget = float(u.abs() @ (est - noise).clamp(min=0)) + float((u * noise).norm())
             else:
                 budget = float(u.abs() @ est)
-            if abs(a - float(u @ col)) > _C * (budget + around) + slack or not math.isfinite(a):
-                return True
-        return False
+            err, tol = abs(a - float(u @ col)), _C * (budget + around) + slack
+            if not (math.isfinite(a) and math.isfinite(err)):
+                return math.inf
+            worst = max(worst, err / tol if tol > 0 else (0.0 if err == 0 else math.inf))
+        return worst
 
     def _refine(self, leaf: int, i: int, h: float, col: torch.Tensor, noise: torch.Tensor) -> WorstElement | None:
         """Central differences at h/10, h/100, ... until three successive columns agree (then judge the
@@ -1013,7 +1058,8 @@ class _Checker:
             agrees = bool((diff <= 0.01 * torch.maximum(cur.abs(), prev.abs()) + _C * (cur_noise + prev_noise)).all())
             if agrees and agreed:
                 est = diff / 99 + cur_noise  # Richardson: the error of the finer step is 1/99 of the change
-                if not self._failing(leaf, i, cur, est, cur_noise):
+                self.last_ratio = self._ratio(leaf, i, cur, est, cur_noise)
+                if self.last_ratio <= 1:
                     self.refined[leaf] = self.refined.get(leaf, 0) + 1
                     self.refined_step[leaf] = min(self.refined_step.get(leaf, math.inf), step)
                     return None
@@ -1062,7 +1108,8 @@ class _Checker:
 
     def _element(self, leaf: int, i: int, j: int, a: float, n: float, est: float, kind: ElementKind, step: float,
                  **extra: float) -> WorstElement:
-        tol = _C * (est + _KAPPA * self.eps_work * abs(a)) + self.atol + self.rtol * abs(n)
+        scale = abs(a) if math.isfinite(a) else 0.0  # a NaN analytic value: the tolerance is the numeric side's
+        tol = _C * (est + _KAPPA * self.eps_work * scale) + self.atol + self.rtol * abs(n)
         err = abs(a - n)
         denom = max(abs(a), abs(n))
         rel = err / denom if denom > 0 else (0.0 if err == 0 else math.inf)
@@ -1083,6 +1130,9 @@ class _Checker:
         if m <= _ROWS_DIRECT:
             analytic = torch.stack([self._exact_row(j)[leaf][i] for j in range(m)])
             ratio = (analytic - col).abs() / (_C * est + self.atol + self.rtol * col.abs() + 1e-300)
+            bad = ~torch.isfinite(analytic)
+            if bool(bad.any()):  # a NaN or Inf of the backward: the output where the function moves most
+                return int(torch.argmax(torch.where(bad, col.abs(), torch.full_like(col, -1.0))))
             ratio = torch.nan_to_num(ratio, nan=math.inf)
             return int(torch.argmax(ratio))
         # Bisection over outputs with random weights r: cotangent r on a range gives, for every
@@ -1100,7 +1150,15 @@ class _Checker:
             scale_r = float(r[mid:hi].abs() @ est[mid:hi]) + 1e-300
             err_l = abs(left - float(r[lo:mid] @ col[lo:mid])) / scale_l
             err_r = abs(right - float(r[mid:hi] @ col[mid:hi])) / scale_r
-            if not (err_l < err_r):  # NaN goes left
+            if not math.isfinite(left) and not math.isfinite(right):
+                # A NaN of the backward reaches every range (0 · NaN): follow the numeric column, the output
+                # whose entry it is (the diagonal of an elementwise function), not a zero off it.
+                go_left = float(col[lo:mid].abs().max()) >= float(col[mid:hi].abs().max())
+            elif not math.isfinite(left) or not math.isfinite(right):  # a NaN analytic entry: follow it
+                go_left = not math.isfinite(left)
+            else:
+                go_left = not (err_l < err_r)
+            if go_left:
                 hi, total = mid, left
             else:
                 lo, total = mid, right
@@ -1153,7 +1211,11 @@ def gradcheck(fn: Callable[..., Any] | torch.nn.Module, *inputs: Any, eps: float
             precision's ε when the function computes in lower precision (1e-6 in float32).
         seed: seeds the random projections and every call of ``fn`` (the RNG is restored after).
         max_reported: stop localising a tensor after this many bad elements.
-        max_evaluations: budget of forward calls for the localisation.
+        max_evaluations: budget of forward calls, all of them counted (``evaluations``). A check needs
+            at least its set-up calls (some 11) plus 4 per checked tensor; a smaller value is refused
+            (``UsageError``). Localisation stops starting new steps once the budget is spent (the last
+            step, an element's column with its refinement, may finish up to a few dozen calls past it);
+            what is left unchecked is reported (verdict ``unreliable`` or ``fail``).
         raise_on_failure: raise :class:`GradcheckError` (an ``AssertionError``) with the report.
 
     Returns:
@@ -1256,11 +1318,18 @@ def gradcheck(fn: Callable[..., Any] | torch.nn.Module, *inputs: Any, eps: float
         checker = _Checker(problem, analytic, eps=eps, atol=atol, rtol=rtol_eff, eps_work=eps_work,
                            generator=generator)
         unreliable = nondeterministic and spread > math.sqrt(eps_work) * max(float(f0.abs().max()), 1e-300)
-        budget_end = problem.evaluations + max_evaluations
+        screened = [k for k, leaf in enumerate(problem.leaves) if leaf.value.numel()]
+        need = problem.evaluations + 4 * len(screened)
+        if max_evaluations < need:
+            raise UsageError(f"max_evaluations={max_evaluations} is below the {need} forward calls this check needs "
+                             f"({problem.evaluations} to set up, 4 to screen each of {_count(len(screened), 'checked tensor')}); "
+                             f"use max_evaluations={need} or more (--max-evaluations)")
         for k, leaf in enumerate(problem.leaves):
+            # The screening of the tensors still to come is reserved out of the budget.
+            budget_end = max_evaluations - 4 * sum(1 for j in screened if j > k)
             checks.append(_check_leaf(checker, k, leaf, max_reported=max_reported, budget_end=budget_end,
                                       unreliable=unreliable, analytic=analytic))
-        checks = _mix_ups(checker, checks)
+        checks = _mix_ups(checker, checks, budget_end=max_evaluations)
         for k, count in checker.refined.items():
             notes.append(f"{_label(problem.leaves[k])}: at the default step the finite differences of "
                          f"{_count(count, 'element')} had not converged ({problem.fn_name} varies faster than the "
@@ -1305,7 +1374,9 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
     problem = checker.p
     n = leaf.value.numel()
     found: list[WorstElement] = []
-    max_ratio = 0.0
+    # max_ratio: the largest ratio of the judgments that stand (blocks that passed, elements cleared by their
+    # column); a tensor passes only if every one is ≤ 1. screen_max: of every projection, failing ones too.
+    max_ratio = screen_max = 0.0
     heap: list[tuple[float, int, int, _Block]] = []
     counter = 0
     # Elements at exact integers or ties are screened apart, as groups (below): a kink or jump among the
@@ -1322,10 +1393,17 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
         return torch.arange(lo, hi)[~excluded[lo:hi]]
 
     def push(block: _Block) -> None:
-        nonlocal counter
+        nonlocal counter, max_ratio, screen_max
+        screen_max = max(screen_max, block.ratio)
         if block.open:
             counter += 1
             heapq.heappush(heap, (-block.score, block.hi - block.lo, counter, block))
+        else:
+            max_ratio = max(max_ratio, block.ratio)
+
+    def cleared() -> None:
+        nonlocal max_ratio
+        max_ratio = max(max_ratio, checker.last_ratio)
 
     wrong = 0
     # The candidates, as groups: smooth there (central differences agree), or non-differentiable with the
@@ -1346,15 +1424,19 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
             if element is not None:
                 found.append(element)
                 wrong += element.kind == "wrong"
+            else:
+                cleared()
             continue
         central = checker.test_block(k, 0, n, idx=group)
-        max_ratio = max(max_ratio, min(central.ratio, 1.0))
+        screen_max = max(screen_max, central.ratio)
         if not central.open:
+            max_ratio = max(max_ratio, central.ratio)
             continue
         fitted = False
         for side in (-1, 1):
             ratio, _ = checker.one_sided(k, group, side)
             if ratio <= 1:
+                max_ratio = max(max_ratio, ratio)
                 _, flat = checker.one_sided(k, group, -side)  # the other side: a jump keeps its size
                 fitted = True
                 break
@@ -1367,6 +1449,8 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
                 if element is not None:
                     found.append(element)
                     wrong += element.kind == "wrong"
+                else:
+                    cleared()
             group_kinks += int(group.numel() - shown.numel())
             group_jumps += int(group.numel() - shown.numel()) if flat else 0
             continue
@@ -1374,9 +1458,7 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
         groups.extend([group[half:], group[:half]])
     if n and candidates.numel() < n:
         idx = rest(0, n)
-        root = checker.test_block(k, 0, n, idx=idx)
-        max_ratio = root.ratio
-        push(root)
+        push(checker.screen(k, 0, n, idx=idx))
     # Kinks and jumps are not bugs: the search goes on past them (only the reported rows are capped).
     while heap and wrong < max_reported and problem.evaluations < budget_end:
         _, _, _, block = heapq.heappop(heap)
@@ -1396,6 +1478,8 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
                 wrong += element.kind == "wrong"
                 if element.kind in ("kink", "jump"):
                     excluded[i] = True
+            else:
+                cleared()
             continue
         mid = (block.lo + block.hi) // 2
         if idx is not None:  # split the remaining elements, not the range, in halves
@@ -1409,7 +1493,7 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
             sub = rest(lo, hi)
             if sub is not None and sub.numel() == 0:
                 continue
-            push(checker.test_block(k, lo, hi, idx=sub))
+            push(checker.screen(k, lo, hi, idx=sub))
     wrong_elems = [w for w in found if w.kind == "wrong"]
     kinks = [w for w in found if w.kind in ("kink", "jump")]
     unresolved = [w for w in found if w.kind == "unresolved"]
@@ -1433,6 +1517,10 @@ def _check_leaf(checker: _Checker, k: int, leaf: _Leaf, *, max_reported: int, bu
         verdict = "kink"
     else:
         verdict = "pass"
+    if verdict in ("pass", "kink") and max_ratio > 1:
+        verdict = "unreliable"  # by construction every standing judgment is ≤ 1; never pass against one
+    if verdict not in ("pass", "kink"):
+        max_ratio = max(max_ratio, screen_max)
     cause = _cause(checker, k, leaf, verdict, wrong_elems, kinks, not failing_left, at_least, analytic,
                    unresolved=unresolved, doubtful=len(doubtful_left), unreliable=unreliable,
                    n_kinks=n_kinks, n_jumps=n_jumps, unchecked=unchecked, budget_end=budget_end)
@@ -1518,7 +1606,16 @@ def _cause(checker: _Checker, k: int, leaf: _Leaf, verdict: Verdict, wrong: list
                        f"{'a wrong sign' if abs(ratios[0] + 1) <= 1e-6 else 'a missing or extra factor'}"
                        if abs(ratios[0] - 1) > 1e-6 else "")
         classes = analytic.graph_functions.get(k, [])
-        if all(w.analytic == 0 for w in wrong) and not any(analytic.differentiable):
+        nonfinite = [w for w in wrong if not math.isfinite(w.analytic)]
+        if nonfinite:
+            w = nonfinite[0]
+            culprit = (f"the backward returns {'NaN' if math.isnan(w.analytic) else 'Inf'} at element "
+                       f"{tuple(w.element)} (output {tuple(w.output or [])}) where the function is finite "
+                       f"(numeric {_g(w.numeric)})")
+            if classes:
+                culprit += (": the custom autograd.Function " + ", ".join(f"{c.__qualname__} ({_where(c)})"
+                                                                          for c in classes) + " is the likely cause")
+        elif all(w.analytic == 0 for w in wrong) and not any(analytic.differentiable):
             culprit = ("no output requires grad: the function cut the graph (.detach(), .data, .numpy(), .item() or "
                        "torch.no_grad()), so the analytic gradient is zero")
         elif all(w.analytic == 0 for w in wrong):
@@ -1549,7 +1646,7 @@ def _cause(checker: _Checker, k: int, leaf: _Leaf, verdict: Verdict, wrong: list
     return "; ".join(parts)
 
 
-def _mix_ups(checker: _Checker, checks: list[InputCheck]) -> list[InputCheck]:
+def _mix_ups(checker: _Checker, checks: list[InputCheck], *, budget_end: int) -> list[InputCheck]:
     """Swapped or transposed gradients: the analytic rows of one failing tensor tested, in one projection,
     against the numeric side of another of the same shape (and the other way round), or a failing
     matrix's rows transposed; four calls per hypothesis, and only after a failure."""
@@ -1558,6 +1655,8 @@ def _mix_ups(checker: _Checker, checks: list[InputCheck]) -> list[InputCheck]:
     hints: dict[int, str] = {}
 
     def fits(k: int, g: torch.Tensor) -> bool:
+        if checker.p.evaluations + 4 > budget_end:
+            return False  # no budget left for the hypothesis
         block = checker.test_block(k, 0, leaves[k].value.numel(), g_full=g)
         return block.ratio <= 1 and not block.suspicious
 
