@@ -710,27 +710,19 @@ def test_cli_a_factory_that_raises_or_a_syntax_error_exits_2_with_one_line(tmp_p
         load_target(f"{target}:model_boom")
 
 
-class _SinSquareOff(torch.autograd.Function):
-    """sin(u) whose backward is off by ``factor`` at element 0 (applied to u = x·x)."""
+def _off_at_0(gx, x):  # noqa: ANN001, ANN202
+    gx = gx.clone()
+    gx[0] = gx[0] * _off_at_0.factor
+    return gx
 
-    factor = 1.05
 
-    @staticmethod
-    def forward(ctx, x):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x)
-        return x.sin()
-
-    @staticmethod
-    def backward(ctx, g):  # noqa: ANN001, ANN205
-        (x,) = ctx.saved_tensors
-        d = x.cos()
-        d[0] *= _SinSquareOff.factor
-        return g * d
+_off_at_0.factor = 1.05
+_SinSquareOff = _sin_function(_off_at_0)  # sin(u) whose backward is off by a factor at element 0 (u = x·x)
 
 
 @pytest.mark.parametrize("n, factor", [(1, 1.05), (10, 1.05), (100, 1.05), (1000, 1.2), (100, 1.01), (1000, 1.05)])
 def test_a_bug_in_a_fast_varying_function_is_not_hidden_by_truncation(n, factor, monkeypatch):
-    monkeypatch.setattr(_SinSquareOff, "factor", factor)
+    monkeypatch.setattr(_off_at_0, "factor", factor)
     torch.manual_seed(0)
     x = (100 + torch.rand(n, dtype=torch.float64)).requires_grad_()
     result = gradcheck(lambda t: _SinSquareOff.apply(t * t), x)
@@ -768,18 +760,12 @@ def test_a_budget_below_what_a_check_needs_is_refused():
 
 
 def test_a_nan_from_the_backward_is_reported_at_its_output():
-    class NanAt50(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):  # noqa: ANN001, ANN205
-            ctx.save_for_backward(x)
-            return x.sin()
+    def nan_at_50(gx, x):  # noqa: ANN001, ANN202
+        gx = gx.clone()
+        gx[50] = float("nan")
+        return gx
 
-        @staticmethod
-        def backward(ctx, g):  # noqa: ANN001, ANN205
-            (x,) = ctx.saved_tensors
-            d = x.cos()
-            d[50] = float("nan")
-            return g * d
+    NanAt50 = _sin_function(nan_at_50)
 
     for n in (60, 100):
         x = _x(n)

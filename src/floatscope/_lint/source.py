@@ -12,7 +12,7 @@ import ast
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from floatscope._lint.results import Edit, Finding
 from floatscope._lint.rules import RULES
@@ -967,10 +967,9 @@ class _Analyzer:
             self.block(stmt.body, scope, deferred)
             return
         if isinstance(stmt, ast.If):
-            self.expression(stmt.test, scope)
-            when_true, when_false = self.nonzero_when(stmt.test)
-            order_true, order_false = self.order_when(stmt.test)
-            for body, known, order in ((stmt.body, when_true, order_true), (stmt.orelse, when_false, order_false)):
+            facts = self.branch_facts(stmt.test, scope)
+            (when_true, order_true), (when_false, order_false) = facts
+            for body, (known, order) in zip((stmt.body, stmt.orelse), facts, strict=True):
                 before, before_order = dict(scope.guarded), dict(scope.ordered)
                 self.guard(known, scope)
                 scope.ordered = {**scope.ordered, **dict(order)}
@@ -1126,12 +1125,17 @@ class _Analyzer:
             elif isinstance(node, ast.BinOp):
                 self.check_binop(node, env, scope)
 
+    def branch_facts(self, test: ast.expr, scope: _Scope) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+        """Check ``test``, then what it shows in its true branch and in its false branch: the names
+        known non-zero and the operand orderings, as ``((nonzero, order), (nonzero, order))``."""
+        self.expression(test, scope)
+        when_true, when_false = self.nonzero_when(test)
+        order_true, order_false = self.order_when(test)
+        return (when_true, order_true), (when_false, order_false)
+
     def conditional(self, node: ast.IfExp, scope: _Scope) -> None:
         """``a / n if n > 0 else 0``: each branch is checked knowing what the test shows."""
-        self.expression(node.test, scope)
-        when_true, when_false = self.nonzero_when(node.test)
-        order_true, order_false = self.order_when(node.test)
-        for branch, known, order in ((node.body, when_true, order_true), (node.orelse, when_false, order_false)):
+        for branch, (known, order) in zip((node.body, node.orelse), self.branch_facts(node.test, scope), strict=True):
             before, before_order = dict(scope.guarded), dict(scope.ordered)
             self.guard(known, scope)
             scope.ordered = {**scope.ordered, **dict(order)}
