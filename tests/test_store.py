@@ -25,6 +25,7 @@ from floatscope.runs import RunStore, StoreMissing
 
 CLI = [sys.executable, "-m", "floatscope"]
 FIXTURE = Path(__file__).parent / "fixtures" / "store_v1.sqlite"
+FIXTURE_V2 = Path(__file__).parent / "fixtures" / "store_v2.sqlite"  # _train_fixture_runs, by version 2
 
 # Trains STEPS steps (0: until told to stop), printing each (flushed), sleeping PAUSE between them.
 SLOW = """
@@ -381,14 +382,90 @@ def test_a_writer_migrates_a_version_1_store_and_keeps_its_runs(tmp_path):
     path = tmp_path / "v1.sqlite"
     shutil.copy(FIXTURE, path)
     with RunStore(path) as store:
-        assert store.version == 2
+        assert store.version == fr.SCHEMA_VERSION == 3
         new = store.new_run(name="after-migration")
         store.finish_run(new, status="clean", steps=0, skipped_steps=0, result=None)
     names = [r.name for r in fr.list_runs(path)]
     assert sorted(names) == ["after-migration", "clean-v1", "nan-v1"]
     db = sqlite3.connect(str(path))
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     db.close()
+
+
+def _train_fixture_runs(path: Path) -> None:
+    """The two runs of the version 2 fixture (written by floatscope with store version 2)."""
+    import torch
+
+    import floatscope
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    with floatscope.watch(model, opt, store=path, health_every=2, run_name="clean-v2"):
+        for _ in range(6):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    torch.manual_seed(1)  # float16 parameters: the param records hold flush fractions (dicts)
+    half = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1)).half()
+    opt = torch.optim.SGD(half.parameters(), lr=0.01)
+    with floatscope.watch(half, opt, store=path, health_every=2, run_name="half-v2"):
+        for _ in range(4):
+            loss = half(torch.randn(8, 4).half()).float().pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def _everything(path: Path) -> dict[str, tuple]:
+    with fr.open_store(path) as store:
+        return {r.name: (store.activations(r.id), store.params(r.id), store.fingerprints(r.id, "grad"),
+                         store.fingerprints(r.id, "weight")) for r in fr.list_runs(path)}
+
+
+def test_version_3_packs_health_and_fingerprints_and_reads_back_what_version_2_stored(tmp_path):
+    # The fixture holds these runs as version 2 wrote them (JSON numbers); this version writes them packed.
+    old = tmp_path / "v2.sqlite"
+    shutil.copy(FIXTURE_V2, old)
+    before = digest(old)
+    stored = _everything(old)
+    assert digest(old) == before  # reading never wrote
+    new = tmp_path / "v3.sqlite"
+    _train_fixture_runs(new)
+    assert _everything(new) == stored  # the same samples, value for value
+    half = stored["half-v2"]
+    assert half[1][0].grad_flush_frac == {"1": 0.0, "16": 0.0, "256": 0.0, "4096": 0.0, "65536": 0.0}
+    assert {a.type for a in stored["clean-v2"][0]} == {"Linear", "Tanh", "ReLU"}
+    db = sqlite3.connect(str(new))
+    rows = [json.loads(data) for (data,) in db.execute("SELECT data FROM health WHERE kind='activations'")]
+    fingerprint = db.execute("SELECT data FROM fingerprints").fetchone()[0]
+    db.close()
+    assert all(isinstance(c, dict) and "f8" in c for row in rows for c in row["columns"][:9])
+    assert {tuple(row["columns"][9]) for row in rows} == {("float32",) * 5, ("float16",) * 3}  # dtypes: JSON
+    assert json.loads(fingerprint).keys() == {"f8"}
+    # A writer migrates the version 2 file and appends packed rows next to its JSON ones.
+    with RunStore(old) as store:
+        assert store.version == 3
+    _train_fixture_runs(old)
+    runs = fr.list_runs(old)
+    assert sorted(r.name for r in runs) == ["clean-v2", "clean-v2", "half-v2", "half-v2"]
+    with fr.open_store(old) as store:
+        for r in runs:  # the version 2 rows and the packed ones, side by side in one file
+            assert store.activations(r.id) == stored[r.name][0] and store.params(r.id) == stored[r.name][1]
+
+
+def test_packed_columns_keep_none_and_read_non_finite_numbers_as_json_rows_did():
+    from floatscope._store.schema import pack_columns, unpack_columns, pack_floats, unpack_floats
+
+    values = [0.1, -2.5e-300, 3.4028234663852886e38, float("nan"), float("inf"), -float("inf"), 0.0, 7]
+    assert unpack_floats(pack_floats(values))[:3] == values[:3]  # exact
+    table = json.loads(json.dumps(pack_columns(
+        ["x", "n", "t", "d"], ["a", "b"],
+        [[1.5, None], [float("nan"), float("-inf")], ["float16", "float32"], [{"1": float("nan")}, None]])))
+    assert unpack_columns(table) == [("a", {"x": 1.5, "n": None, "t": "float16", "d": {"1": None}}),
+                                     ("b", {"x": None, "n": None, "t": "float32", "d": None})]
 
 
 def test_a_store_from_a_newer_floatscope_is_refused_with_the_fix(tmp_path):

@@ -17,7 +17,7 @@ import torch
 from floatscope._engines.repro import last_seeding
 from floatscope._instrument.autocast import autocast_state
 from floatscope._instrument.channel import Payload
-from floatscope._instrument.health import ACTIVATION_RECORD, FLUSH_SCALES, PARAM_FIELDS, activation_values
+from floatscope._instrument.health import ACTIVATION_RECORD, FLUSH_SCALES, PARAM_FIELDS, activation_columns
 from floatscope._numerics.formats import dtype_name
 from floatscope._store.env import environment
 from floatscope._store.schema import ModelInfo, PrecisionInfo, RunConfig
@@ -158,12 +158,9 @@ class RunRecorder:
                 self._param(step, name)["update_norm"] = v
         elif kind == "activations":
             step, rows = meta
-            layers = {}
-            position = 0
-            for name, dtype, type_, width in rows:
-                layers[name] = activation_values(dtype, values[position:position + width], type_)
-                position += width
-            self.store.add_health(self.run_id, step, "activation", list(ACTIVATION_RECORD), layers)
+            names, dtypes, types = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            self.store.add_health(self.run_id, step, "activation", list(ACTIVATION_RECORD), names,
+                                  activation_columns(values, dtypes, types))
 
     def _param(self, step: int, name: str) -> dict[str, Any]:
         return self._params.setdefault(step, {}).setdefault(name, {})
@@ -229,13 +226,13 @@ class RunRecorder:
         fields = (*PARAM_FIELDS, "update_ratio")
         for step in sorted(s for s in self._params if before is None or s < before):
             params = self._params.pop(step)
-            layers = {}
-            for name, data in params.items():
+            for data in params.values():
                 if "update_norm" in data and data.get("weight_norm"):
                     data["update_ratio"] = data["update_norm"] / data["weight_norm"]
-                layers[name] = [data.get(k) for k in fields]
-            if layers:
-                store.add_health(run_id, step, "param", list(fields), layers)
+            if params:
+                rows = list(params.values())
+                store.add_health(run_id, step, "param", list(fields), list(params),
+                                 [[d.get(k) for d in rows] for k in fields])
         store.update_progress(run_id, steps=steps, skipped_steps=skipped)
 
     def finish(self, *, status: str, steps: int, skipped: int, result: dict[str, Any]) -> None:

@@ -393,7 +393,10 @@ class Watch(CaptureListener):
                 step, names, params = sampled
                 update = self._health.after_step(params)
                 if update is not None:
-                    self._channel.record(Payload("update", update, (step, names)))
+                    order, norms = update
+                    if order is not None:
+                        names = [names[k] for k in order]
+                    self._channel.record(Payload("update", norms, (step, names)))
             # Rows of earlier steps are complete once their transfers are read (one step later when lazy).
             lag = 1 if self._channel.in_flight else 0
             self._recorder.flush(capture.clock.index - lag, steps=capture.clock.completed, skipped=self._probe.skipped)

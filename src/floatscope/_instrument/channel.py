@@ -4,7 +4,8 @@ Everything the watch needs to know about a step is queued here as device tensors
 whose finiteness must be checked (*subjects*: model outputs, values computed outside modules,
 gradients, parameters) and the numbers to record (*payload*: the loss, the loss scale, health
 statistics). :meth:`StepChannel.transfer` reduces every subject to its L2 norm with one
-``torch._foreach_norm`` per (device, dtype) group and concatenates norms and payload into one
+``torch._foreach_norm`` per (device, dtype) group (on the CPU, small tensors of one size are stacked
+and reduced together instead) and concatenates norms and payload into one
 float32 vector per device, read with a single copy.
 
 The L2 norm is NaN exactly when a tensor holds a NaN, and +inf when it holds an Inf *or* when
@@ -29,6 +30,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import torch
+
+from floatscope._numerics.stats import Scratch, l2_norms
 
 __all__ = ["Subject", "Group", "Payload", "Reading", "StepChannel", "SyncPolicy"]
 
@@ -132,6 +135,7 @@ class StepChannel:
         self.in_flight: list[_InFlight] = []
         self.on_transfer = on_transfer
         self.transfers = 0
+        self._scratch = Scratch()
 
     def check(self, subject: Subject | Group) -> None:
         self.entries.append(subject)
@@ -189,7 +193,7 @@ class StepChannel:
         where: list[tuple[torch.device, int]] = [(torch.device("cpu"), 0)] * len(tensors)
         offsets: list[tuple[torch.device, int, int]] = []
         with torch.no_grad():
-            for (device, _), (index, norms) in _norms(tensors).items():
+            for device, index, norms in _norms(tensors, self._scratch):
                 start = sizes.get(device, 0)
                 parts.setdefault(device, []).append(norms)
                 sizes[device] = start + len(index)
@@ -246,25 +250,25 @@ class StepChannel:
         return reading
 
 
-def _norms(tensors: list[torch.Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[int], torch.Tensor]]:
-    """Per-tensor L2 norms (NaN and Inf propagate), one float32 vector per (device, dtype) group.
+def _norms(tensors: list[torch.Tensor], scratch: Scratch | None = None) -> list[tuple[torch.device, list[int],
+                                                                                   torch.Tensor]]:
+    """Per-tensor L2 norms (NaN and Inf propagate), float32 vectors per (device, dtype) group.
 
-    Returns ``{(device, dtype): (indices into tensors, norms)}``.
+    Returns ``[(device, indices into tensors, norms)]``: ``norms[k]`` is the norm of ``tensors[indices[k]]``.
     """
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
     for i, t in enumerate(tensors):
         groups.setdefault((t.device, t.dtype), []).append(i)
-    out = {}
-    for key, index in groups.items():
-        dtype = key[1]
+    out = []
+    for (device, dtype), index in groups.items():
         group = [tensors[i] for i in index]
-        if dtype in _HALF:
-            norms = torch.stack(torch._foreach_norm(group, 2, dtype=torch.float32))
-        elif dtype == torch.float32:
-            norms = torch.stack(torch._foreach_norm(group, 2))
+        if dtype in _HALF or dtype == torch.float32:
+            order, norms = l2_norms(group, torch.float32 if dtype in _HALF else None, scratch)
+            if order is not None:
+                index = [index[k] for k in order]
         else:  # float64 and others: norm natively, saturate finite values into float32's range
             n = torch.stack([torch.linalg.vector_norm(t.to(torch.float64) if not t.is_floating_point() else t)
                              for t in group])
             norms = torch.where(torch.isfinite(n), n.clamp(-_F32_MAX, _F32_MAX), n).to(torch.float32)
-        out[key] = (index, norms)
+        out.append((device, index, norms))
     return out

@@ -21,9 +21,10 @@ from torch.nn.modules.module import register_module_forward_hook
 
 from floatscope._instrument.modules import module_paths
 from floatscope._numerics.formats import dtype_name, format_of
+from floatscope._numerics.stats import Scratch, l2_norms
 
 __all__ = ["HealthSampler", "ACTIVATION_FIELDS", "ACTIVATION_RECORD", "PARAM_FIELDS", "FLUSH_SCALES",
-           "activation_row", "activation_values"]
+           "activation_columns"]
 
 ACTIVATION_FIELDS = ("absmax", "rms", "zero_frac", "nan", "inf", "below_normal_frac", "saturation", "dead_frac")
 PARAM_FIELDS = ("grad_norm", "weight_norm", "update_norm", "grad_nonzero", "grad_flush_frac", "grad_absmax",
@@ -35,9 +36,10 @@ FLUSH_SCALES = (1.0, 2.0**4, 2.0**8, 2.0**12, 2.0**16)
 _DTYPE_NAMES = {d: dtype_name(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 _CHUNK_ELEMENTS = 2**24  # stack at most this many elements at once (a sampling step's memory bound)
 _STACK_ELEMENTS = 2**20  # smaller groups of outputs are stacked and reduced together
+_FLAT_ELEMENTS = 2**21  # on the CPU, update norms of parameters up to this size in all use reused flat buffers
 
 
-def _group_stats(outputs: list[torch.Tensor]) -> torch.Tensor:
+def _group_stats(outputs: list[torch.Tensor], scratch: Scratch | None = None) -> torch.Tensor:
     """(k, 6) float32 for k outputs of one shape: absmax, rms, zero_frac, nan, inf, below_normal_frac.
 
     Reductions only: max, min and the L2 norm (rms); NaN and Inf propagate into them, so a layer
@@ -50,7 +52,8 @@ def _group_stats(outputs: list[torch.Tensor]) -> torch.Tensor:
     dtype = outputs[0].dtype
     n = outputs[0].numel()
     if n * len(outputs) <= _STACK_ELEMENTS or n < 4096:
-        s = torch.stack(outputs).reshape(len(outputs), -1)  # (k, n): one copy, no per-output op
+        # (k, n): one copy, no per-output op
+        s = (scratch.stack(outputs) if scratch is not None else torch.stack(outputs)).reshape(len(outputs), -1)
         high, low = s.amax(dim=1), s.amin(dim=1)
         l2 = torch.linalg.vector_norm(s, dim=1, dtype=torch.float32)
         parts = [s]
@@ -86,6 +89,9 @@ class HealthSampler:
         self._collected: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
         self._seen: set[int] = set()
         self._snapshot: list[torch.Tensor] | None = None
+        self._flat: tuple[list[int], torch.Tensor] | None = None  # (order, flat copy) on the CPU
+        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._scratch = Scratch()
 
     def is_sampling(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -149,7 +155,7 @@ class HealthSampler:
                 per_chunk = max(1, _CHUNK_ELEMENTS // max(shape.numel(), 1))
                 for start in range(0, len(index), per_chunk):
                     part = index[start:start + per_chunk]
-                    stats = _group_stats([collected[i][2] for i in part]).to(device)
+                    stats = _group_stats([collected[i][2] for i in part], self._scratch).to(device)
                     if part[-1] - part[0] == len(part) - 1:
                         table[part[0]:part[-1] + 1, :6] = stats
                     else:
@@ -166,9 +172,33 @@ class HealthSampler:
 
     # ------------------------------------------------------------------ parameters
     def snapshot(self, params: list[torch.Tensor]) -> None:
-        """Copy ``params`` before the optimizer step, for :meth:`after_step`'s update norms."""
+        """Copy ``params`` before the optimizer step, for :meth:`after_step`'s update norms.
+
+        On the CPU, parameters of up to ``_FLAT_ELEMENTS`` elements in all are copied into one
+        reused flat buffer, sorted by size (two kernels for the update norms of all of them, instead
+        of a few per parameter, and no fresh allocation to page-fault); otherwise one copy each.
+        """
         with torch.no_grad():  # no detach needed: nothing made under no_grad is tracked
-            self._snapshot = torch._foreach_mul(params, 1.0) if params else None
+            self._snapshot = self._flat = None
+            if not params:
+                return
+            first = params[0]
+            if (first.device.type == "cpu" and len(params) > 2 and all(
+                    p.device == first.device and p.dtype == first.dtype for p in params)):
+                order = sorted(range(len(params)), key=lambda i: params[i].numel())
+                total = sum(p.numel() for p in params)
+                if total <= _FLAT_ELEMENTS:
+                    old = self._buffer("old", first.dtype, total)
+                    torch.cat([params[i].reshape(-1) for i in order], out=old)
+                    self._flat = (order, old)
+                    return
+            self._snapshot = torch._foreach_mul(params, 1.0)
+
+    def _buffer(self, key: str, dtype: torch.dtype, n: int) -> torch.Tensor:
+        buffer = self._buffers.get((key, dtype))
+        if buffer is None or buffer.numel() < n:
+            buffer = self._buffers[(key, dtype)] = torch.empty(n, dtype=dtype)
+        return buffer[:n]
 
     def before_step(self, params: list[torch.Tensor], scale: torch.Tensor | None,
                     fp16: bool) -> torch.Tensor | None:
@@ -204,48 +234,68 @@ class HealthSampler:
             absmax = torch.stack([n.float().to(device) for n in torch._foreach_norm(grads, float("inf"))])
             return torch.cat([nonzero.unsqueeze(1), fracs, absmax.unsqueeze(1)], dim=1).reshape(-1)
 
-    def after_step(self, params: list[torch.Tensor]) -> torch.Tensor | None:
-        """Per-parameter norm of the update the optimizer just applied."""
+    def after_step(self, params: list[torch.Tensor]) -> tuple[list[int] | None, torch.Tensor] | None:
+        """Per-parameter norm of the update the optimizer just applied: ``(order, norms)`` as
+        :func:`~floatscope._numerics.stats.l2_norms` returns them (None: in the order of ``params``)."""
         snapshot, self._snapshot = self._snapshot, None
+        flat, self._flat = self._flat, None
+        if flat is not None and len(flat[0]) == len(params):
+            order, old = flat
+            with torch.no_grad():
+                new = self._buffer("new", old.dtype, old.numel())
+                torch.cat([params[i].reshape(-1) for i in order], out=new)
+                new.sub_(old)
+                parts, start, k = [], 0, 0
+                while k < len(order):  # runs of one size: one norm each
+                    n = params[order[k]].numel()
+                    end = k
+                    while end < len(order) and params[order[end]].numel() == n:
+                        end += 1
+                    rows = new[start:start + (end - k) * n].view(end - k, n)
+                    parts.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
+                    start += (end - k) * n
+                    k = end
+                return order, torch.cat(parts) if len(parts) > 1 else parts[0]
         if snapshot is None or len(snapshot) != len(params):
             return None
         with torch.no_grad():
             torch._foreach_sub_(snapshot, params)
-            norms = torch._foreach_norm(snapshot)
-            if all(n.dtype == torch.float32 for n in norms):
-                return torch.stack(norms)
-            return torch.stack([n.float() for n in norms])
+            if all(s.dtype == torch.float32 for s in snapshot) and len({s.device for s in snapshot}) == 1:
+                return l2_norms(snapshot, scratch=self._scratch)
+            return None, torch.stack([n.float() for n in torch._foreach_norm(snapshot)])
 
 
 ACTIVATION_RECORD = (*ACTIVATION_FIELDS, "headroom_bits", "dtype", "type")
-
-
-def activation_values(dtype: str, values: list[float], module_type: str) -> list[Any]:
-    """One layer's stored activation record, in the order of ACTIVATION_RECORD (headroom in its dtype).
-
-    Statistics that were not measured for the layer (-1 from the device) are None; nan and inf
-    are 1 when the layer held any.
-    """
-    absmax, rms, zero_frac, nan, inf, below = values[:6]
-    saturation = values[6] if len(values) > 6 and values[6] >= 0 else None
-    dead = values[7] if len(values) > 7 and values[7] >= 0 else None
-    fmt_max = _MAX_OF.get(dtype)
-    if fmt_max is None:
-        try:
-            fmt_max = _MAX_OF.setdefault(dtype, format_of(dtype).max)
-        except ValueError:
-            fmt_max = 0.0
-    if absmax > 0 and absmax != math.inf and fmt_max:
-        headroom: float | None = math.log2(fmt_max / absmax)
-    else:
-        headroom = -math.inf if absmax == math.inf else None
-    return [absmax, rms, zero_frac if zero_frac >= 0 else None, int(nan), int(inf), below if below >= 0 else None,
-            saturation, dead, headroom, dtype, module_type]
-
-
 _MAX_OF: dict[str, float] = {}
 
 
-def activation_row(name: str, dtype: str, values: list[float], module_type: str) -> dict[str, Any]:
-    """The stored record of one layer's activation statistics, as a dict."""
-    return dict(zip(ACTIVATION_RECORD, activation_values(dtype, values, module_type), strict=True))
+def _format_max(dtype: str) -> float:
+    fmt_max = _MAX_OF.get(dtype)
+    if fmt_max is None:
+        try:
+            fmt_max = format_of(dtype).max
+        except ValueError:
+            fmt_max = 0.0
+        _MAX_OF[dtype] = fmt_max
+    return fmt_max
+
+
+def activation_columns(values: list[float], dtypes: list[str], types: list[str]) -> list[list[Any]]:
+    """The stored activation record of every layer, column by column in the order of ACTIVATION_RECORD.
+
+    ``values`` is the (layers, 8) table read from the device, row-major. Statistics that were not
+    measured for a layer (-1 from the device) are None; nan and inf are 1 when the layer held any;
+    ``headroom_bits`` is log2 of the layer dtype's largest value over its absmax.
+    """
+    width = len(ACTIVATION_FIELDS)
+    columns: list[list[Any]] = [values[j::width] for j in range(width)]
+    for j in (2, 5, 6, 7):  # zero_frac, below_normal_frac, saturation, dead_frac: -1 when not measured
+        columns[j] = [v if v >= 0 else None for v in columns[j]]
+    headroom: list[float | None] = []
+    for absmax, dtype in zip(columns[0], dtypes, strict=True):
+        fmt_max = _format_max(dtype)
+        if 0 < absmax < math.inf and fmt_max:
+            headroom.append(math.log2(fmt_max / absmax))
+        else:
+            headroom.append(-math.inf if absmax == math.inf else None)
+    return [*columns, headroom, list(dtypes), list(types)]

@@ -34,7 +34,8 @@ from typing import Any
 from floatscope._errors import StoreError
 from floatscope._results import to_json_value
 from floatscope._store.schema import (DDL, MIGRATIONS, RUN_COLUMNS, SCHEMA_NAME, SCHEMA_VERSION, ActivationSample,
-                                      Event, ParamSample, RunConfig, RunRecord, StepRecord)
+                                      Event, ParamSample, RunConfig, RunRecord, StepRecord, pack_columns, pack_floats,
+                                      unpack_columns, unpack_floats)
 
 __all__ = ["RunStore", "RunRecord", "StepRecord", "StoreMissing", "DEFAULT_STORE"]
 
@@ -267,23 +268,22 @@ class RunStore:
             self._pending.append(("UPDATE runs SET exit_code=? WHERE id=?", (code, run_id)))
             self.commit(wait=True)
 
-    def add_health(self, run_id: str, step: int, kind: str, fields: list[str],
-                   layers: dict[str, list[Any]]) -> None:
+    def add_health(self, run_id: str, step: int, kind: str, fields: list[str], layers: list[str],
+                   columns: list[list[Any]]) -> None:
         """One step's health samples of one kind ("activation" or "param") for every layer.
 
-        Stored as one row (kind "activations"/"params", data ``{"fields": [...], "layers": {layer:
-        [value, ...]}}``); :meth:`activations` and :meth:`params` read them back as typed samples.
+        ``columns[j][i]`` is field ``j`` of layer ``i``. Stored as one row (kind "activations"/"params",
+        data :func:`~floatscope._store.schema.pack_columns`); :meth:`activations` and :meth:`params`
+        read them back as typed samples.
         """
-        data = {"fields": fields, "layers": layers}
-        self._pending.append(("INSERT INTO health VALUES (?, ?, ?, ?, ?)", (run_id, step, "", kind + "s", _dumps(data))))
+        data = json.dumps(pack_columns(fields, layers, columns))
+        self._pending.append(("INSERT INTO health VALUES (?, ?, ?, ?, ?)", (run_id, step, "", kind + "s", data)))
         self._maybe_commit()
 
     def add_fingerprint(self, run_id: str, step: int, kind: str, values: list[float]) -> None:
-        """Per-parameter fingerprints of one step: kind "grad" or "weight" (after the step)."""
-        if all(map(math.isfinite, values)):
-            data = json.dumps(values)
-        else:
-            data = json.dumps([_json_float(v) for v in values])
+        """Per-parameter fingerprints of one step: kind "grad" or "weight" (after the step), packed
+        (``{"f8": base64}``, :func:`~floatscope._store.schema.pack_floats`)."""
+        data = '{"f8": "' + pack_floats(values) + '"}'
         self._pending.append(("INSERT OR REPLACE INTO fingerprints VALUES (?, ?, ?, ?)", (run_id, step, kind, data)))
         self._maybe_commit()
 
@@ -446,9 +446,12 @@ class RunStore:
             (run_id, kind, kind + "s")).fetchall()
         out = []
         for step, name, row_kind, data in rows:
-            if row_kind == kind + "s":  # one packed row per step
+            if row_kind == kind + "s":  # one row per step
                 table = json.loads(data)
-                names = table["fields"]
+                if "columns" in table:  # version 3: packed columns
+                    out.extend((step, layer, values) for layer, values in unpack_columns(table))
+                    continue
+                names = table["fields"]  # version 2: {"fields": [...], "layers": {layer: [value, ...]}}
                 out.extend((step, layer, dict(zip(names, values, strict=False)))
                            for layer, values in table["layers"].items())
             else:  # one row per layer (version 1 stores)
@@ -473,7 +476,13 @@ class RunStore:
         """Per-parameter norms per step (``kind`` "grad" or "weight"), in ``RunConfig.fingerprint_params`` order."""
         rows = self._reader().execute("SELECT step, data FROM fingerprints WHERE run_id=? AND kind=? ORDER BY step",
                                       (run_id, kind)).fetchall()
-        return {step: json.loads(data) for step, data in rows}
+        out: dict[int, list[float | str | None]] = {}
+        for step, data in rows:
+            if data.startswith("{"):  # version 3: packed float64
+                out[step] = [v if v - v == 0 else _json_float(v) for v in unpack_floats(json.loads(data)["f8"])]
+            else:  # a JSON list, NaN and Inf as strings
+                out[step] = json.loads(data)
+        return out
 
     def _record(self, row: tuple[Any, ...]) -> RunRecord:
         (rid, name, command, started, ended, status, steps, skipped, env, _config, result, host, pid, proc_start,
@@ -534,14 +543,6 @@ def _alive(host: str | None, pid: int | None, proc_start: str | None, heartbeat:
         if now is not None and now != proc_start:
             return False  # the pid was reused
     return True
-
-
-def _dumps(data: Any) -> str:
-    """Strict JSON of a record (non-finite floats as null); the common all-finite case without a copy."""
-    text = json.dumps(data)
-    if "NaN" in text or "Infinity" in text:
-        text = json.dumps(to_json_value(data))
-    return text
 
 
 def _json_float(value: float) -> float | str:
