@@ -40,6 +40,7 @@ class RunRecorder:
         self._open_step: int | None = None
         self._steps: dict[int, dict[str, Any]] = {}
         self._fingerprints: dict[tuple[int, str], dict[str, float]] = {}
+        # Parameter samples of a step, by field: {step: {field: {name: value}}} (names in first-seen order).
         self._params: dict[int, dict[str, dict[str, Any]]] = {}
         self._optimizers: list[dict[str, Any]] = []
         self._data: dict[str, Any] = {}
@@ -147,23 +148,23 @@ class RunRecorder:
         elif kind == "flush":
             step, names, scale = meta
             width = len(FLUSH_SCALES) + 2
-            for i, name in enumerate(names):
-                row = values[width * i:width * (i + 1)]
-                self._param(step, name).update(
-                    grad_nonzero=row[0], grad_absmax=row[-1], loss_scale=scale,
-                    grad_flush_frac={f"{k:g}": v for k, v in zip(FLUSH_SCALES, row[1:-1], strict=True)})
+            rows = [values[width * i:width * (i + 1)] for i in range(len(names))]
+            self._param_field(step, "grad_nonzero", names, [r[0] for r in rows])
+            self._param_field(step, "grad_absmax", names, [r[-1] for r in rows])
+            self._param_field(step, "loss_scale", names, [scale] * len(names))
+            self._param_field(step, "grad_flush_frac", names, [
+                {f"{k:g}": v for k, v in zip(FLUSH_SCALES, r[1:-1], strict=True)} for r in rows])
         elif kind == "update":
             step, names = meta
-            for name, v in zip(names, values, strict=True):
-                self._param(step, name)["update_norm"] = v
+            self._param_field(step, "update_norm", names, values)
         elif kind == "activations":
             step, rows = meta
-            names, dtypes, types = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
+            names, dtypes, types = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]  # (6, layers)
             self.store.add_health(self.run_id, step, "activation", list(ACTIVATION_RECORD), names,
                                   activation_columns(values, dtypes, types))
 
-    def _param(self, step: int, name: str) -> dict[str, Any]:
-        return self._params.setdefault(step, {}).setdefault(name, {})
+    def _param_field(self, step: int, field: str, names: list[str], values: list[Any]) -> None:
+        self._params.setdefault(step, {}).setdefault(field, {}).update(zip(names, values, strict=True))
 
     def fingerprint(self, step: int, kind: str, names: list[str], values: list[float], *, health: bool) -> None:
         """Per-parameter norms: ``kind`` "grad" (of step ``step``) or "weight" (after its update)."""
@@ -176,9 +177,7 @@ class RunRecorder:
                 self._fp_index[name] = len(self.fp_names)
                 self.fp_names.append(name)
         if health:
-            key = "grad_norm" if kind == "grad" else "weight_norm"
-            for name, v in zip(names, values, strict=True):
-                self._param(step, name)[key] = v
+            self._param_field(step, "grad_norm" if kind == "grad" else "weight_norm", names, values)
 
     def step(self, step: int, *, loss: float | None, grad_norm: float | None, loss_scale: float | None,
              skipped: bool) -> None:
@@ -225,14 +224,15 @@ class RunRecorder:
             store.add_fingerprint(run_id, step, kind, [values.get(n, math.nan) for n in self.fp_names])
         fields = (*PARAM_FIELDS, "update_ratio")
         for step in sorted(s for s in self._params if before is None or s < before):
-            params = self._params.pop(step)
-            for data in params.values():
-                if "update_norm" in data and data.get("weight_norm"):
-                    data["update_ratio"] = data["update_norm"] / data["weight_norm"]
-            if params:
-                rows = list(params.values())
-                store.add_health(run_id, step, "param", list(fields), list(params),
-                                 [[d.get(k) for d in rows] for k in fields])
+            by_field = self._params.pop(step)
+            names = list(dict.fromkeys(n for values in by_field.values() for n in values))
+            if not names:
+                continue
+            columns = {k: [by_field[k].get(n) for n in names] if k in by_field else [None] * len(names)
+                       for k in PARAM_FIELDS}
+            columns["update_ratio"] = [u / w if u is not None and w else None
+                                       for u, w in zip(columns["update_norm"], columns["weight_norm"], strict=True)]
+            store.add_health(run_id, step, "param", list(fields), names, [columns[k] for k in fields])
         store.update_progress(run_id, steps=steps, skipped_steps=skipped)
 
     def finish(self, *, status: str, steps: int, skipped: int, result: dict[str, Any]) -> None:

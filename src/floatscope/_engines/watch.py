@@ -327,8 +327,7 @@ class Watch(CaptureListener):
         if self._health.attached:
             meta, table = self._health.take_activations()
             if table is not None:
-                self._channel.record(Payload("activations", table.reshape(-1), (self._capture.window.iteration,
-                                                                               [(n, d, t, 8) for n, d, t in meta])))
+                self._channel.record(Payload("activations", table.reshape(-1), (self._capture.window.iteration, meta)))
 
     @_guarded
     def leaves_added(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
@@ -361,17 +360,21 @@ class Watch(CaptureListener):
                 self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
                                           window=window.index, step=step - 1))
             if reason == "step" and self._health.is_sampling(step) and self._health.every:
-                with_grad = [(n, p) for n, p in named if p.grad is not None and not p.grad.is_sparse]
+                with_grad = [(n, p) for n, p in named if (g := p.grad) is not None and g.layout == _STRIDED]
                 scaler = self._probe.last_scaler
                 scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
                 fp16 = (scale is not None or any(p.dtype == torch.float16 for _, p in with_grad) or any(
                     isinstance(e, Pass) and any(d == torch.float16 for _, on, d in e.autocast if on)
                     for e in window.events))
-                flush = self._health.before_step([p for _, p in with_grad], scale, fp16)
+                flush = self._health.before_step([p for _, p in with_grad], scale, fp16) if fp16 else None
                 # Update norms (the update/weight ratio) for weight matrices, the layers that finding reads.
-                matrices = [(n, p) for n, p in with_grad if p.dim() >= 2]
-                self._health.snapshot([p for _, p in matrices])
-                self._health_params = (step, [n for n, _ in matrices], [p for _, p in matrices])
+                names, matrices = [], []
+                for n, p in with_grad:
+                    if p.dim() >= 2:
+                        names.append(n)
+                        matrices.append(p)
+                self._health.snapshot(matrices)
+                self._health_params = (step, names, matrices)
                 if flush is not None:
                     scale_value = self._scales[-1] if scale is not None and self._scales else (
                         None if scale is not None else 1.0)

@@ -23,7 +23,7 @@ from floatscope._instrument.modules import module_paths
 from floatscope._numerics.formats import dtype_name, format_of
 from floatscope._numerics.stats import Scratch, l2_norms
 
-__all__ = ["HealthSampler", "ACTIVATION_FIELDS", "ACTIVATION_RECORD", "PARAM_FIELDS", "FLUSH_SCALES",
+__all__ = ["HealthSampler", "ACTIVATION_FIELDS", "ACTIVATION_RECORD", "DEVICE_FIELDS", "PARAM_FIELDS", "FLUSH_SCALES",
            "activation_columns"]
 
 ACTIVATION_FIELDS = ("absmax", "rms", "zero_frac", "nan", "inf", "below_normal_frac", "saturation", "dead_frac")
@@ -36,18 +36,24 @@ FLUSH_SCALES = (1.0, 2.0**4, 2.0**8, 2.0**12, 2.0**16)
 _DTYPE_NAMES = {d: dtype_name(d) for d in (torch.float16, torch.bfloat16, torch.float32, torch.float64)}
 _CHUNK_ELEMENTS = 2**24  # stack at most this many elements at once (a sampling step's memory bound)
 _STACK_ELEMENTS = 2**20  # smaller groups of outputs are stacked and reduced together
-_FLAT_ELEMENTS = 2**21  # on the CPU, update norms of parameters up to this size in all use reused flat buffers
+_COPY_ELEMENTS = 2**21  # on the CPU, snapshots of parameters up to this size in all reuse their buffers
+
+
+# The device table of a sampling step: one row per statistic, one column per layer (-1: not measured).
+# nan and inf are read from absmax on the host (NaN and Inf propagate into it).
+DEVICE_FIELDS = ("absmax", "rms", "zero_frac", "below_normal_frac", "saturation", "dead_frac")
 
 
 def _group_stats(outputs: list[torch.Tensor], scratch: Scratch | None = None) -> torch.Tensor:
-    """(k, 6) float32 for k outputs of one shape: absmax, rms, zero_frac, nan, inf, below_normal_frac.
+    """(2, k) or (4, k) float32 for k outputs of one shape: absmax and rms, then for float16 and
+    bfloat16 outputs zero_frac and below_normal_frac.
 
     Reductions only: max, min and the L2 norm (rms); NaN and Inf propagate into them, so a layer
-    holding them shows as such (nan / inf is 1: present) without a pass of its own; a sampled layer
-    that is non-finite is an incident anyway, whose operand statistics count them exactly. Small
-    outputs are stacked and reduced together; large ones one by one (no copy). The zero and
-    below-normal fractions, which matter for float16 and bfloat16 outputs, are measured only for
-    them (-1 otherwise: not measured). Called under no_grad.
+    holding them shows as such without a pass of its own; a sampled layer that is non-finite is an
+    incident anyway, whose operand statistics count them exactly. Small outputs are stacked and
+    reduced together; large ones one by one (no copy). The zero and below-normal fractions matter
+    for float16 and bfloat16 outputs and are measured only for them. Few kernels: on a sampling
+    step each op call costs more than its arithmetic. Called under no_grad.
     """
     dtype = outputs[0].dtype
     n = outputs[0].numel()
@@ -62,19 +68,15 @@ def _group_stats(outputs: list[torch.Tensor], scratch: Scratch | None = None) ->
         high = torch.stack([p.amax() for p in parts])
         low = torch.stack([p.amin() for p in parts])
         l2 = torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) for p in parts])
-    absmax = torch.maximum(high.abs(), low.abs()).float()
-    rms = l2 / math.sqrt(max(n, 1))
-    nan = torch.isnan(absmax).float()
-    inf = torch.isinf(absmax).float()
+    absmax = torch.maximum(high, low.neg_()).float()  # max |x| = max(max x, -min x); NaN propagates
+    rows = [absmax, l2 / math.sqrt(max(n, 1))]
     if dtype in (torch.float16, torch.bfloat16):
         tiny = format_of(dtype).smallest_normal
         nonzero = torch.cat([torch.linalg.vector_norm(p, ord=0, dim=1) for p in parts])
         small = torch.cat([torch.linalg.vector_norm(p.abs().clamp_(max=tiny).sub_(tiny), ord=0, dim=1)
                            for p in parts])  # |x| < tiny
-        zero_frac, below_frac = (n - nonzero) / n, (small - (n - nonzero)) / n
-    else:
-        zero_frac = below_frac = torch.full((len(outputs),), -1.0, device=absmax.device)
-    return torch.stack([absmax, rms, zero_frac.float(), nan, inf, below_frac.float()], dim=1)
+        rows += [((n - nonzero) / n).float(), ((small - (n - nonzero)) / n).float()]
+    return torch.stack(rows)
 
 
 class HealthSampler:
@@ -89,8 +91,7 @@ class HealthSampler:
         self._collected: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
         self._seen: set[int] = set()
         self._snapshot: list[torch.Tensor] | None = None
-        self._flat: tuple[list[int], torch.Tensor] | None = None  # (order, flat copy) on the CPU
-        self._buffers: dict[tuple[str, torch.dtype], torch.Tensor] = {}
+        self._copies: tuple[Any, list[torch.Tensor]] | None = None  # kept snapshot buffers (CPU)
         self._scratch = Scratch()
 
     def is_sampling(self, step: int) -> bool:
@@ -121,9 +122,12 @@ class HealthSampler:
         out = output if type(output) is torch.Tensor else (
             output if isinstance(output, torch.Tensor) else
             next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None))
-        if out is None or id(out) in self._seen or not out.is_floating_point() or out.numel() == 0:
+        if out is None or not out.is_floating_point() or out.numel() == 0:
+            return
+        key = id(out)
+        if key in self._seen:
             return  # a container returning its last child's tensor: measured once, under the child
-        self._seen.add(id(out))
+        self._seen.add(key)
         inp = None
         if isinstance(module, _SATURATING):
             inp = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_floating_point()),
@@ -140,7 +144,8 @@ class HealthSampler:
         return self._handle is not None
 
     def take_activations(self) -> tuple[list[tuple[str, str, str]], torch.Tensor | None]:
-        """Statistics of the collected outputs: [(layer, dtype, module type)] and one (layers, 8) float32 tensor."""
+        """Statistics of the collected outputs: [(layer, dtype, module type)] and one (6, layers)
+        float32 tensor, a row per statistic of DEVICE_FIELDS (-1: not measured)."""
         self.detach()
         collected, self._collected, self._seen = self._collected, [], set()
         if not collected:
@@ -150,55 +155,48 @@ class HealthSampler:
             groups.setdefault((out.device, out.dtype, out.shape), []).append(i)
         device = collected[0][2].device
         with torch.no_grad():
-            table = torch.full((len(collected), 8), -1.0, device=device)
+            table = torch.full((len(DEVICE_FIELDS), len(collected)), -1.0, device=device)
             for (_, _, shape), index in groups.items():
                 per_chunk = max(1, _CHUNK_ELEMENTS // max(shape.numel(), 1))
                 for start in range(0, len(index), per_chunk):
                     part = index[start:start + per_chunk]
                     stats = _group_stats([collected[i][2] for i in part], self._scratch).to(device)
+                    width = stats.shape[0]  # absmax, rms (, zero_frac, below_normal_frac)
                     if part[-1] - part[0] == len(part) - 1:
-                        table[part[0]:part[-1] + 1, :6] = stats
+                        table[:width, part[0]:part[-1] + 1] = stats
                     else:
-                        table[torch.tensor(part, device=device), :6] = stats
+                        table[:width, torch.tensor(part, device=device)] = stats
             types, dtypes = self.types, _DTYPE_NAMES
-            meta = [(name, dtypes.get(out.dtype) or dtype_name(out.dtype), types.get(name) or type(module).__name__)
-                    for name, module, out, _ in collected]
-            for i, (_, module, out, inp) in enumerate(collected):
+            meta = []
+            for i, (name, module, out, inp) in enumerate(collected):
+                meta.append((name, dtypes.get(out.dtype) or dtype_name(out.dtype),
+                             types.get(name) or type(module).__name__))
                 if inp is not None:
-                    table[i, 6] = (inp.abs() > 5.0).float().mean().to(device)
+                    table[4, i] = (inp.abs() > 5.0).float().mean().to(device)
                 if isinstance(module, _RECTIFIERS) and out.dim() >= 1 and out.shape[-1] > 0:
-                    table[i, 7] = (out.reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
+                    table[5, i] = (out.reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
         return meta, table
 
     # ------------------------------------------------------------------ parameters
     def snapshot(self, params: list[torch.Tensor]) -> None:
         """Copy ``params`` before the optimizer step, for :meth:`after_step`'s update norms.
 
-        On the CPU, parameters of up to ``_FLAT_ELEMENTS`` elements in all are copied into one
-        reused flat buffer, sorted by size (two kernels for the update norms of all of them, instead
-        of a few per parameter, and no fresh allocation to page-fault); otherwise one copy each.
+        On the CPU, parameters of up to ``_COPY_ELEMENTS`` elements in all are copied into buffers
+        kept from one sampling step to the next (a fresh allocation of a few megabytes page-faults);
+        elsewhere into fresh copies (a GPU's caching allocator reuses them).
         """
         with torch.no_grad():  # no detach needed: nothing made under no_grad is tracked
-            self._snapshot = self._flat = None
+            self._snapshot = None
             if not params:
                 return
-            first = params[0]
-            if (first.device.type == "cpu" and len(params) > 2 and all(
-                    p.device == first.device and p.dtype == first.dtype for p in params)):
-                order = sorted(range(len(params)), key=lambda i: params[i].numel())
-                total = sum(p.numel() for p in params)
-                if total <= _FLAT_ELEMENTS:
-                    old = self._buffer("old", first.dtype, total)
-                    torch.cat([params[i].reshape(-1) for i in order], out=old)
-                    self._flat = (order, old)
-                    return
-            self._snapshot = torch._foreach_mul(params, 1.0)
-
-    def _buffer(self, key: str, dtype: torch.dtype, n: int) -> torch.Tensor:
-        buffer = self._buffers.get((key, dtype))
-        if buffer is None or buffer.numel() < n:
-            buffer = self._buffers[(key, dtype)] = torch.empty(n, dtype=dtype)
-        return buffer[:n]
+            if params[0].device.type == "cpu" and sum(p.numel() for p in params) <= _COPY_ELEMENTS:
+                key = tuple((p.shape, p.dtype, p.device) for p in params)
+                if self._copies is None or self._copies[0] != key:
+                    self._copies = (key, [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params])
+                torch._foreach_copy_(self._copies[1], params)
+                self._snapshot = self._copies[1]
+            else:
+                self._snapshot = torch._foreach_mul(params, 1.0)
 
     def before_step(self, params: list[torch.Tensor], scale: torch.Tensor | None,
                     fp16: bool) -> torch.Tensor | None:
@@ -238,24 +236,6 @@ class HealthSampler:
         """Per-parameter norm of the update the optimizer just applied: ``(order, norms)`` as
         :func:`~floatscope._numerics.stats.l2_norms` returns them (None: in the order of ``params``)."""
         snapshot, self._snapshot = self._snapshot, None
-        flat, self._flat = self._flat, None
-        if flat is not None and len(flat[0]) == len(params):
-            order, old = flat
-            with torch.no_grad():
-                new = self._buffer("new", old.dtype, old.numel())
-                torch.cat([params[i].reshape(-1) for i in order], out=new)
-                new.sub_(old)
-                parts, start, k = [], 0, 0
-                while k < len(order):  # runs of one size: one norm each
-                    n = params[order[k]].numel()
-                    end = k
-                    while end < len(order) and params[order[end]].numel() == n:
-                        end += 1
-                    rows = new[start:start + (end - k) * n].view(end - k, n)
-                    parts.append(torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32))
-                    start += (end - k) * n
-                    k = end
-                return order, torch.cat(parts) if len(parts) > 1 else parts[0]
         if snapshot is None or len(snapshot) != len(params):
             return None
         with torch.no_grad():
@@ -283,19 +263,22 @@ def _format_max(dtype: str) -> float:
 def activation_columns(values: list[float], dtypes: list[str], types: list[str]) -> list[list[Any]]:
     """The stored activation record of every layer, column by column in the order of ACTIVATION_RECORD.
 
-    ``values`` is the (layers, 8) table read from the device, row-major. Statistics that were not
-    measured for a layer (-1 from the device) are None; nan and inf are 1 when the layer held any;
-    ``headroom_bits`` is log2 of the layer dtype's largest value over its absmax.
+    ``values`` is the (6, layers) device table of :meth:`HealthSampler.take_activations`, flattened.
+    Statistics that were not measured for a layer (-1) are None; nan and inf are 1 when the layer
+    held any (its absmax is NaN, or +inf); ``headroom_bits`` is log2 of the layer dtype's largest
+    value over its absmax.
     """
-    width = len(ACTIVATION_FIELDS)
-    columns: list[list[Any]] = [values[j::width] for j in range(width)]
-    for j in (2, 5, 6, 7):  # zero_frac, below_normal_frac, saturation, dead_frac: -1 when not measured
-        columns[j] = [v if v >= 0 else None for v in columns[j]]
+    n = len(dtypes)
+    absmax, rms, zero, below, saturation, dead = (values[k * n:(k + 1) * n] for k in range(len(DEVICE_FIELDS)))
+    nan = [1 if a != a else 0 for a in absmax]
+    inf = [1 if a == math.inf else 0 for a in absmax]
+    zero, below, saturation, dead = ([v if v >= 0 else None for v in c] for c in (zero, below, saturation, dead))
+    columns: list[list[Any]] = [absmax, rms, zero, nan, inf, below, saturation, dead]  # ACTIVATION_FIELDS
     headroom: list[float | None] = []
-    for absmax, dtype in zip(columns[0], dtypes, strict=True):
+    for a, dtype in zip(absmax, dtypes, strict=True):
         fmt_max = _format_max(dtype)
-        if 0 < absmax < math.inf and fmt_max:
-            headroom.append(math.log2(fmt_max / absmax))
+        if 0 < a < math.inf and fmt_max:
+            headroom.append(math.log2(fmt_max / a))
         else:
-            headroom.append(-math.inf if absmax == math.inf else None)
+            headroom.append(-math.inf if a == math.inf else None)
     return [*columns, headroom, list(dtypes), list(types)]
