@@ -222,11 +222,12 @@ def compare_run_mode(setup: Setup, steps: int, block: int = 20) -> tuple[float, 
     return statistics.fmean(plain), statistics.fmean(watched)
 
 
-def compare_health_step(setup: Setup, rounds: int) -> tuple[float, float]:
-    """One health-sampling step against a plain step (health every 2 steps; sampled steps only)."""
+def compare_health_step(setup: Setup, rounds: int) -> dict[str, float]:
+    """One health-sampling step against a plain step (health every 2 steps), and the step after it
+    (where the sample's weight norms are read): ratios of means and of medians."""
     plain_model, plain_opt = setup.make()
     model, opt = setup.make()
-    plain, sampled = [], []
+    plain, sampled, after = [], [], []
     with tempfile.TemporaryDirectory() as folder, \
             floatscope.watch(model if isinstance(model, torch.nn.Module) else None, opt,
                              store=os.path.join(folder, "h.sqlite"), health_every=2):
@@ -237,12 +238,11 @@ def compare_health_step(setup: Setup, rounds: int) -> tuple[float, float]:
         for r in range(2 * rounds):
             batch = setup.batches[r % 8]
             with _unwatched():
-                t_plain = _timed(lambda: setup.step(plain_model, plain_opt, batch))
-            t_watch = _timed(lambda: setup.step(model, opt, batch))
-            if r % 2 == 0:  # steps 2, 4, ...: sampling steps
-                plain.append(t_plain)
-                sampled.append(t_watch)
-    return statistics.fmean(plain), statistics.fmean(sampled)
+                plain.append(_timed(lambda: setup.step(plain_model, plain_opt, batch)))
+            (sampled if r % 2 == 0 else after).append(_timed(lambda: setup.step(model, opt, batch)))
+    mean, median = statistics.fmean(plain), statistics.median(plain)
+    return {"mean": statistics.fmean(sampled) / mean, "median": statistics.median(sampled) / median,
+            "after": statistics.median(after) / median}
 
 
 def compare_tools(setup: Setup, rounds: int) -> dict[str, float]:
@@ -321,11 +321,11 @@ def main() -> None:
             continue
         plain, watched = compare_run_mode(setup, max(40, args.steps // 2))
         print(f"  {setup.name:<12} {watched / plain:.3f}x")
-    print("\none health-sampling step / one plain step:")
+    print("\none health-sampling step / one plain step (ratio of means, of medians; the step after it, medians):")
     for setup in chosen:
-        rounds = 6 if setup.name == "gpt-10M" else 20
-        plain, sampled = compare_health_step(setup, rounds)
-        print(f"  {setup.name:<12} {sampled / plain:.2f}x")
+        rounds = 6 if setup.name == "gpt-10M" else 40
+        h = compare_health_step(setup, rounds)
+        print(f"  {setup.name:<12} {h['mean']:.2f}x  {h['median']:.2f}x  after: {h['after']:.2f}x")
     if not args.no_tools and "gpt-10M" in args.models:
         tools = compare_tools(setups["gpt-10M"], 12)
         print("\nother tools on gpt-10M (interleaved):")

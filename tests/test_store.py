@@ -442,8 +442,8 @@ def test_version_3_packs_health_and_fingerprints_and_reads_back_what_version_2_s
     rows = [json.loads(data) for (data,) in db.execute("SELECT data FROM health WHERE kind='activations'")]
     fingerprint = db.execute("SELECT data FROM fingerprints").fetchone()[0]
     db.close()
-    assert all(isinstance(c, dict) and "f8" in c for row in rows for c in row["columns"][:9])
-    assert {tuple(row["columns"][9]) for row in rows} == {("float32",) * 5, ("float16",) * 3}  # dtypes: JSON
+    assert all(c is None for row in rows for c in row["columns"][:9])  # the numbers, packed in "f8"
+    assert {row["columns"][9]["all"] for row in rows} == {"float32", "float16"}  # one dtype per run
     assert json.loads(fingerprint).keys() == {"f8"}
     # A writer migrates the version 2 file and appends packed rows next to its JSON ones.
     with RunStore(old) as store:
@@ -462,10 +462,13 @@ def test_packed_columns_keep_none_and_read_non_finite_numbers_as_json_rows_did()
     values = [0.1, -2.5e-300, 3.4028234663852886e38, float("nan"), float("inf"), -float("inf"), 0.0, 7]
     assert unpack_floats(pack_floats(values))[:3] == values[:3]  # exact
     table = json.loads(json.dumps(pack_columns(
-        ["x", "n", "t", "d"], ["a", "b"],
-        [[1.5, None], [float("nan"), float("-inf")], ["float16", "float32"], [{"1": float("nan")}, None]])))
-    assert unpack_columns(table) == [("a", {"x": 1.5, "n": None, "t": "float16", "d": {"1": None}}),
-                                     ("b", {"x": None, "n": None, "t": "float32", "d": None})]
+        ["x", "n", "t", "d", "e", "s"], ["a", "b"],
+        [[1.5, None], [float("nan"), float("-inf")], ["float16", "float32"], [{"1": float("nan")}, None],
+         [None, {"16": 0.5}], ["Linear", "Linear"]])))
+    assert table["columns"][-1] == {"all": "Linear"}
+    assert unpack_columns(table) == [
+        ("a", {"x": 1.5, "n": None, "t": "float16", "d": {"1": None}, "e": None, "s": "Linear"}),
+        ("b", {"x": None, "n": None, "t": "float32", "d": None, "e": {"16": 0.5}, "s": "Linear"})]
 
 
 def test_a_store_from_a_newer_floatscope_is_refused_with_the_fix(tmp_path):

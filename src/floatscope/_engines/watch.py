@@ -353,23 +353,31 @@ class Watch(CaptureListener):
             named = self._named_params(optimizer)
             if self._huge_grads is not None and self._huge_grads[0] < step:
                 self._queue_state(optimizer, window, self._huge_grads[0])
-            grads = [(n, g) for n, p in named if (g := p.grad) is not None and g.layout == _STRIDED]
+            grad_names, grads, grad_params = [], [], []
+            for n, p in named:
+                g = p.grad
+                if g is not None and g.layout == _STRIDED:
+                    grad_names.append(n)
+                    grads.append(g)
+                    grad_params.append(p)
             self._capture.grads_pending = None
-            self._queue_grads(window, grads, step)
+            if grads:
+                self._windows[window.index] = window
+                self._channel.check(Group("grad", grads, grad_names, order=len(window.events), window=window.index,
+                                          step=step))
             if reason == "step" and self._weights_due(step - 1):
                 self._channel.check(Group("param", [p for _, p in named], [n for n, _ in named], order=-1,
                                           window=window.index, step=step - 1))
             if reason == "step" and self._health.is_sampling(step) and self._health.every:
-                with_grad = [(n, p) for n, p in named if (g := p.grad) is not None and g.layout == _STRIDED]
                 scaler = self._probe.last_scaler
                 scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
-                fp16 = (scale is not None or any(p.dtype == torch.float16 for _, p in with_grad) or any(
+                fp16 = (scale is not None or any(p.dtype == torch.float16 for p in grad_params) or any(
                     isinstance(e, Pass) and any(d == torch.float16 for _, on, d in e.autocast if on)
                     for e in window.events))
-                flush = self._health.before_step([p for _, p in with_grad], scale, fp16) if fp16 else None
+                flush = self._health.before_step(grad_params, scale, fp16) if fp16 else None
                 # Update norms (the update/weight ratio) for weight matrices, the layers that finding reads.
                 names, matrices = [], []
-                for n, p in with_grad:
+                for n, p in zip(grad_names, grad_params, strict=True):
                     if p.dim() >= 2:
                         names.append(n)
                         matrices.append(p)
@@ -378,7 +386,7 @@ class Watch(CaptureListener):
                 if flush is not None:
                     scale_value = self._scales[-1] if scale is not None and self._scales else (
                         None if scale is not None else 1.0)
-                    self._channel.record(Payload("flush", flush, (step, [n for n, _ in with_grad], scale_value)))
+                    self._channel.record(Payload("flush", flush, (step, grad_names, scale_value)))
         else:
             self._queue_grads(window, self._capture.pending_grads(), step)
         self._queue_scale(step)

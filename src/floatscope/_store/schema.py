@@ -74,15 +74,23 @@ MIGRATIONS: dict[int, list[str]] = {
 # times cheaper to write than JSON numbers. Readers turn NaN and Inf back into what JSON rows held.
 
 
-def pack_floats(values: list[Any]) -> str:
-    """Base64 of little-endian float64 (None is written as NaN)."""
+def _doubles(values: list[Any]) -> array.array:
+    """float64 array of numbers (None as NaN); TypeError for anything else."""
     try:
-        packed = array.array("d", values)
+        return array.array("d", values)
     except TypeError:
-        packed = array.array("d", [math.nan if v is None else v for v in values])
+        return array.array("d", [math.nan if v is None else v for v in values])
+
+
+def _base64(packed: array.array) -> str:
     if sys.byteorder == "big":
         packed.byteswap()
     return base64.b64encode(packed.tobytes()).decode("ascii")
+
+
+def pack_floats(values: list[Any]) -> str:
+    """Base64 of little-endian float64 (None is written as NaN)."""
+    return _base64(_doubles(values))
 
 
 def unpack_floats(text: str) -> list[float]:
@@ -93,34 +101,46 @@ def unpack_floats(text: str) -> list[float]:
 
 
 def pack_columns(fields: list[str], layers: list[str], columns: list[list[Any]]) -> dict[str, Any]:
-    """One step's samples, column by column: ``{"fields", "layers", "columns"}``.
+    """One step's samples, column by column: ``{"fields", "layers", "f8", "columns"}``.
 
-    ``columns[j][i]`` is field ``j`` of layer ``i``. A column of numbers (or None) is packed as
-    ``{"f8": base64}`` (:func:`pack_floats`); any other column (dtypes, module types, dicts) is a
-    JSON list. Non-finite numbers read back as None, as in JSON rows (the ``nan``/``inf`` fields
-    say what a layer held).
+    ``columns[j][i]`` is field ``j`` of layer ``i``. The columns of numbers (or None) are packed
+    together, in order, as ``"f8"`` (:func:`pack_floats`) and stand as null in ``"columns"``; any
+    other column (dtypes, module types, dicts) is a JSON list there, or ``{"all": value}`` when every
+    layer has the same value. Non-finite numbers read back as None, as in JSON rows (the
+    ``nan``/``inf`` fields say what a layer held).
     """
+    numbers = array.array("d")
     packed: list[Any] = []
     for column in columns:
         try:
-            packed.append({"f8": pack_floats(column)})
+            numbers.extend(_doubles(column))
         except TypeError:  # not numbers
             column = list(column)
-            packed.append(column if all(type(v) is str for v in column) else to_json_value(column))
-    return {"fields": list(fields), "layers": list(layers), "columns": packed}
+            if column and type(column[0]) is str and column.count(column[0]) == len(column):
+                packed.append({"all": column[0]})
+            else:
+                packed.append(column if all(type(v) is str for v in column) else to_json_value(column))
+        else:
+            packed.append(None)
+    return {"fields": list(fields), "layers": list(layers), "f8": _base64(numbers), "columns": packed}
 
 
 def unpack_columns(table: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     """The inverse of :func:`pack_columns`: ``[(layer, {field: value})]`` in the stored order."""
-    columns = []
+    layers = table["layers"]
+    n = len(layers)
+    numbers = [v if v - v == 0 else None for v in unpack_floats(table["f8"])]
+    columns, k = [], 0
     for column in table["columns"]:
-        if isinstance(column, dict) and "f8" in column:
-            columns.append([v if v - v == 0 else None for v in unpack_floats(column["f8"])])
+        if column is None:
+            columns.append(numbers[k * n:(k + 1) * n])
+            k += 1
+        elif isinstance(column, dict) and "all" in column:
+            columns.append([column["all"]] * n)
         else:
             columns.append(column)
     fields = table["fields"]
-    return [(layer, dict(zip(fields, (c[i] for c in columns), strict=True)))
-            for i, layer in enumerate(table["layers"])]
+    return [(layer, dict(zip(fields, (c[i] for c in columns), strict=True))) for i, layer in enumerate(layers)]
 
 
 RUN_COLUMNS = ("id", "name", "command", "started", "ended", "status", "steps", "skipped_steps", "env", "config",
