@@ -427,3 +427,97 @@ def test_saturation_is_explained_for_the_activation_in_the_model(tmp_path, act, 
     assert found.layers == ["1"] and found.evidence["median_fraction_beyond_5"] > 0.5
     assert all(word in found.explanation for word in words)
     assert ("BCEWithLogitsLoss" in " ".join(found.suggestions)) == (act is torch.nn.Sigmoid)
+
+
+# ----------------------------------------------------------------------------------- sample values
+def test_health_samples_match_a_float64_oracle(tmp_path):
+    """Every sampled number against float64: layer absmax, rms, saturation and dead fraction; the
+    gradient, weight and update norms, with weights of a shared shape (stacked) and of their own."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    with torch.no_grad():
+        model[0].weight.mul_(8.0)  # some sigmoid inputs beyond +-5
+        model[2].bias.fill_(-0.3)  # some dead ReLU units
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    outputs: dict[str, torch.Tensor] = {}
+    inputs: dict[str, torch.Tensor] = {}
+
+    def keep(module, args, output):
+        name = next(n for n, m in model.named_modules() if m is module)
+        outputs[name], inputs[name] = output.detach().double(), args[0].detach().double()
+
+    handles = [m.register_forward_hook(keep) for n, m in model.named_modules() if n]
+    expected_acts, expected_params = {}, {}
+    try:
+        with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=1) as w:
+            for step in range(3):
+                x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                before = {n: p.detach().double().clone() for n, p in model.named_parameters()}
+                grads = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
+                opt.step()
+                for name, out in outputs.items():
+                    expected_acts[step, name] = (out.abs().max().item(), out.pow(2).mean().sqrt().item(),
+                                                 (inputs[name].abs() > 5).double().mean().item(),
+                                                 (out == 0).all(dim=0).double().mean().item())
+                for n, p in model.named_parameters():
+                    expected_params[step, n] = (grads[n], p.detach().double().norm().item(),
+                                                (p.detach().double() - before[n]).norm().item())
+    finally:
+        for h in handles:
+            h.remove()
+    assert w.result.status == "clean"
+    assert all("forward" not in vars(m) for m in model.modules())  # the sampled layers are as they were
+    acts = fr.activations(w.run_id, store=str(tmp_path / "s.sqlite"))
+    assert {(a.step, a.layer) for a in acts} == set(expected_acts)
+    for a in acts:
+        absmax, rms, saturated, dead = expected_acts[a.step, a.layer]
+        assert a.absmax == pytest.approx(absmax, rel=1e-6) and a.rms == pytest.approx(rms, rel=1e-5)
+        assert a.nan == 0 and a.inf == 0
+        if a.type in ("Sigmoid", "Tanh"):
+            assert a.saturation == pytest.approx(saturated, abs=1e-7)
+        else:
+            assert a.saturation is None
+        assert a.dead_frac == (pytest.approx(dead, abs=1e-7) if a.type == "ReLU" else None)
+    assert any(a.saturation and a.saturation > 0.05 for a in acts) and any(a.dead_frac for a in acts)
+    params = fr.params(w.run_id, store=str(tmp_path / "s.sqlite"))
+    assert {(p.step, p.name) for p in params} == set(expected_params)
+    for p in params:
+        grad, weight, update = expected_params[p.step, p.name]
+        assert p.grad_norm == pytest.approx(grad, rel=1e-5)
+        assert p.weight_norm == pytest.approx(weight, rel=1e-5)
+        if p.name.endswith("weight"):  # update norms are measured for weight matrices
+            assert p.update_norm == pytest.approx(update, rel=1e-5) and update > 0
+            assert p.update_ratio == pytest.approx(update / weight, rel=1e-5)
+        else:
+            assert p.update_norm is None
+
+
+def test_sampled_layers_keep_their_own_forward_and_lose_the_wrapper_when_forward_raises(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    patched = model[0].forward  # a library that sets forward on the instance (as accelerate's hooks do)
+    model[0].forward = lambda x: patched(x) * 2.0
+    own = model[0].forward
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Fails(Exception):
+        pass
+
+    with pytest.raises(Fails):
+        with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=1):
+            model(torch.randn(3, 4)).sum().backward()
+            opt.step()
+            opt.zero_grad()
+            model[2].register_forward_hook(lambda *a: (_ for _ in ()).throw(Fails()))  # the next pass raises
+            model(torch.randn(3, 4))
+    assert vars(model[0])["forward"] is own
+    assert "forward" not in vars(model[1]) and "forward" not in vars(model[2])
+    acts = fr.activations("last", store=str(tmp_path / "s.sqlite"))
+    first = {a.layer: a for a in acts if a.step == 0}
+    assert set(first) == {"0", "1", "2"}
+    x = torch.randn(3, 4)
+    assert torch.equal(model[0](x), patched(x) * 2.0)

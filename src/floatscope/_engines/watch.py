@@ -248,7 +248,7 @@ class Watch(CaptureListener):
                 self._capture.remove()
             finally:
                 self._hooks.close()
-                self._health.detach()
+                self._health.close()
                 self._term.remove()
                 self._active = False
             self.result = self._result(exc_type, exc)

@@ -1,7 +1,11 @@
 """Health sampling: per-layer numerics every N steps, computed on the device, read with the step's transfer.
 
-On a sampling step one global forward hook, present for that one forward pass, keeps a reference
-to each layer's output (and to the input of Sigmoid/Tanh layers). When the pass ends, the
+On a sampling step each named layer of the root module keeps a reference to its output (and to
+the input of Sigmoid/Tanh layers) for that one forward pass: its ``forward`` is wrapped through an
+instance attribute, which keeps PyTorch's fast module call (a forward hook sends every module call
+of the pass down the slow path, about 5 us each), and the attribute is removed when the pass ends,
+on every exit path. A root that copies its children's attributes (``DataParallel`` replicas) or a
+scripted layer is sampled with one global forward hook instead. When the pass ends, the
 statistics of all layers are computed together: outputs of the same dtype and size are stacked
 and reduced row by row, so a sampling step costs a few dozen kernels whatever the number of
 layers. NaN and Inf are never dropped: they propagate into a layer's absmax and RMS, and the layer is
@@ -19,7 +23,6 @@ import torch
 import torch.utils._pytree as pytree
 from torch.nn.modules.module import register_module_forward_hook
 
-from floatscope._instrument.modules import module_paths
 from floatscope._numerics.formats import dtype_name, format_of
 from floatscope._numerics.stats import Scratch, l2_norms
 
@@ -38,6 +41,8 @@ _CHUNK_ELEMENTS = 2**24  # stack at most this many elements at once (a sampling 
 _STACK_ELEMENTS = 2**20  # smaller groups of outputs are stacked and reduced together
 _COPY_ELEMENTS = 2**21  # on the CPU, snapshots of parameters up to this size in all reuse their buffers
 
+
+_MISSING = object()
 
 # The device table of a sampling step: one row per statistic, one column per layer (-1: not measured).
 # nan and inf are read from absmax on the host (NaN and Inf propagate into it).
@@ -79,6 +84,30 @@ def _group_stats(outputs: list[torch.Tensor], scratch: Scratch | None = None) ->
     return torch.stack(rows)
 
 
+_PLAIN, _SATURATES, _RECTIFIES = 0, 1, 2
+
+
+class _Layer:
+    """A named layer of a sampled root: its wrapped forward, kept from one sampling step to the next."""
+
+    __slots__ = ("name", "module", "type", "kind", "target", "forward", "wrapper")
+
+    def __init__(self, name: str, module: torch.nn.Module, collect: Any) -> None:
+        self.name, self.module, self.type = name, module, type(module).__name__
+        self.kind = (_SATURATES if isinstance(module, _SATURATING) else
+                     _RECTIFIES if isinstance(module, _RECTIFIERS) else _PLAIN)
+        self.target: Any = None  # the class or instance forward that ``forward`` is bound from
+        self.forward: Any = None
+        layer = self
+
+        def sampled_forward(*args: Any, **kwargs: Any) -> Any:
+            output = layer.forward(*args, **kwargs)
+            collect(layer, args, output)
+            return output
+
+        self.wrapper = sampled_forward
+
+
 class HealthSampler:
     """Collects per-layer statistics on sampling steps; see the module docstring."""
 
@@ -86,39 +115,64 @@ class HealthSampler:
         self.every = every
         self.types: dict[str, str] = {}
         self._handle: Any = None
-        self._names: dict[int, str] = {}
-        self._paths: dict[int, dict[int, str]] = {}
-        self._collected: list[tuple[str, torch.nn.Module, torch.Tensor, torch.Tensor | None]] = []
+        self._plans: dict[tuple[int, ...], list[_Layer]] = {}  # the named layers of each set of roots
+        self._by_module: dict[int, _Layer] = {}  # for the global hook
+        self._wrapped: list[tuple[_Layer, Any]] = []  # (layer, the instance forward its wrapper replaced)
+        self._collected: list[tuple[_Layer, torch.Tensor, torch.Tensor | None]] = []
         self._seen: set[int] = set()
-        self._snapshot: list[torch.Tensor] | None = None
-        self._copies: tuple[Any, list[torch.Tensor]] | None = None  # kept snapshot buffers (CPU)
+        self._snapshot: list[torch.Tensor] | _SnapshotPlan | None = None
+        self._copies: tuple[Any, _SnapshotPlan] | None = None  # kept snapshot buffers (CPU)
         self._scratch = Scratch()
 
     def is_sampling(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
 
     # ------------------------------------------------------------------ activations
-    def attach(self, roots: list[torch.nn.Module]) -> None:
-        """Keep every named layer's output of the coming forward pass (one global forward hook)."""
-        self.detach()
-        names: dict[int, str] = {}
+    def _layers_of(self, roots: list[torch.nn.Module]) -> list[_Layer]:
+        """The named layers of ``roots`` (the first root wins for a shared layer), built once per roots."""
+        key = tuple(id(r) for r in roots)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan
+        plan, seen = [], set()
         for root in roots:
-            paths = self._paths.get(id(root))
-            if paths is None:
-                paths = self._paths[id(root)] = {k: v for k, v in module_paths(root).items() if v}
-                for name, module in root.named_modules():
-                    self.types.setdefault(name, type(module).__name__)
-            for key, path in paths.items():
-                names.setdefault(key, path)
-        self._names = names
+            for name, module in root.named_modules():
+                self.types.setdefault(name, type(module).__name__)
+                if name and id(module) not in seen:
+                    seen.add(id(module))
+                    plan.append(_Layer(name, module, self._collect))
+        self._plans[key] = plan
+        return plan
+
+    def attach(self, roots: list[torch.nn.Module]) -> None:
+        """Keep every named layer's output of the coming forward pass of ``roots``."""
+        self.detach()
+        layers = self._layers_of(roots)
         self._collected, self._seen = [], set()
-        self._handle = register_module_forward_hook(self._hook)
+        if any(isinstance(r, torch.nn.DataParallel) for r in roots) or any(
+                isinstance(layer.module, torch.jit.ScriptModule) for layer in layers):
+            self._by_module = {id(layer.module): layer for layer in layers}
+            self._handle = register_module_forward_hook(self._hook)
+            return
+        missing, wrapped = _MISSING, self._wrapped
+        for layer in layers:
+            module = layer.module
+            attrs = module.__dict__
+            previous = attrs.get("forward", missing)
+            target = previous if previous is not missing else type(module).forward
+            if layer.target is not target:  # first use, or the layer's forward was replaced since
+                layer.target, layer.forward = target, module.forward
+                layer.wrapper.__wrapped__ = layer.forward  # inspect.signature sees the layer's own
+            attrs["forward"] = layer.wrapper
+            wrapped.append((layer, previous))
 
     def _hook(self, module: torch.nn.Module, args: Any, output: Any) -> None:
-        # Called for every module of the sampled forward pass: the common case (a tensor output) first.
-        name = self._names.get(id(module))
-        if name is None:
-            return
+        layer = self._by_module.get(id(module))
+        if layer is not None:
+            self._collect(layer, args, output)
+
+    def _collect(self, layer: _Layer, args: Any, output: Any) -> None:
+        # Called for every layer of the sampled forward pass: the common case (a tensor output) first.
         out = output if type(output) is torch.Tensor else (
             output if isinstance(output, torch.Tensor) else
             next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None))
@@ -129,19 +183,34 @@ class HealthSampler:
             return  # a container returning its last child's tensor: measured once, under the child
         self._seen.add(key)
         inp = None
-        if isinstance(module, _SATURATING):
+        if layer.kind == _SATURATES:
             inp = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_floating_point()),
                        None)
-        self._collected.append((name, module, out, inp))
+        self._collected.append((layer, out, inp))
 
     def detach(self) -> None:
+        """Stop collecting: remove the hook or put every wrapped layer's ``forward`` back."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        wrapped, self._wrapped = self._wrapped, []
+        for layer, previous in reversed(wrapped):
+            attrs = layer.module.__dict__
+            if attrs.get("forward") is layer.wrapper:  # a forward the script set meanwhile stays
+                if previous is _MISSING:
+                    del attrs["forward"]
+                else:
+                    attrs["forward"] = previous
+
+    def close(self) -> None:
+        """Detach and forget the layers (the watch has ended)."""
+        self.detach()
+        self._plans.clear()
+        self._by_module = {}
 
     @property
     def attached(self) -> bool:
-        return self._handle is not None
+        return self._handle is not None or bool(self._wrapped)
 
     def take_activations(self) -> tuple[list[tuple[str, str, str]], torch.Tensor | None]:
         """Statistics of the collected outputs: [(layer, dtype, module type)] and one (6, layers)
@@ -151,29 +220,31 @@ class HealthSampler:
         if not collected:
             return [], None
         groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
-        for i, (_, _, out, _) in enumerate(collected):
-            groups.setdefault((out.device, out.dtype, out.shape), []).append(i)
-        device = collected[0][2].device
+        meta = []
+        dtypes = _DTYPE_NAMES
+        for i, (layer, out, _) in enumerate(collected):
+            dtype = out.dtype
+            groups.setdefault((out.device, dtype, out.shape), []).append(i)
+            meta.append((layer.name, dtypes.get(dtype) or dtype_name(dtype), layer.type))
+        device = collected[0][1].device
         with torch.no_grad():
             table = torch.full((len(DEVICE_FIELDS), len(collected)), -1.0, device=device)
-            for (_, _, shape), index in groups.items():
+            for (where, _, shape), index in groups.items():
                 per_chunk = max(1, _CHUNK_ELEMENTS // max(shape.numel(), 1))
                 for start in range(0, len(index), per_chunk):
                     part = index[start:start + per_chunk]
-                    stats = _group_stats([collected[i][2] for i in part], self._scratch).to(device)
+                    stats = _group_stats([collected[i][1] for i in part], self._scratch)
+                    if where != device:
+                        stats = stats.to(device)
                     width = stats.shape[0]  # absmax, rms (, zero_frac, below_normal_frac)
                     if part[-1] - part[0] == len(part) - 1:
                         table[:width, part[0]:part[-1] + 1] = stats
                     else:
                         table[:width, torch.tensor(part, device=device)] = stats
-            types, dtypes = self.types, _DTYPE_NAMES
-            meta = []
-            for i, (name, module, out, inp) in enumerate(collected):
-                meta.append((name, dtypes.get(out.dtype) or dtype_name(out.dtype),
-                             types.get(name) or type(module).__name__))
+            for i, (layer, out, inp) in enumerate(collected):
                 if inp is not None:
                     table[4, i] = (inp.abs() > 5.0).float().mean().to(device)
-                if isinstance(module, _RECTIFIERS) and out.dim() >= 1 and out.shape[-1] > 0:
+                if layer.kind == _RECTIFIES and out.dim() >= 1 and out.shape[-1] > 0:
                     table[5, i] = (out.reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
         return meta, table
 
@@ -181,9 +252,12 @@ class HealthSampler:
     def snapshot(self, params: list[torch.Tensor]) -> None:
         """Copy ``params`` before the optimizer step, for :meth:`after_step`'s update norms.
 
-        On the CPU, parameters of up to ``_COPY_ELEMENTS`` elements in all are copied into buffers
-        kept from one sampling step to the next (a fresh allocation of a few megabytes page-faults);
-        elsewhere into fresh copies (a GPU's caching allocator reuses them).
+        On the CPU, when the parameters (at most ``_COPY_ELEMENTS`` elements in all) are mostly of a
+        few shapes, each shape's parameters are stacked into one buffer kept from one sampling step to
+        the next: one copy per shape now, and after the step one stack, one subtraction and one row
+        norm per shape (a fresh allocation of a few megabytes page-faults, and each op call costs
+        more than its arithmetic). Elsewhere (a GPU's caching allocator reuses memory, its foreach
+        kernels are fused) the parameters are copied with one foreach op.
         """
         with torch.no_grad():  # no detach needed: nothing made under no_grad is tracked
             self._snapshot = None
@@ -192,9 +266,10 @@ class HealthSampler:
             if params[0].device.type == "cpu" and sum(p.numel() for p in params) <= _COPY_ELEMENTS:
                 key = tuple((p.shape, p.dtype, p.device) for p in params)
                 if self._copies is None or self._copies[0] != key:
-                    self._copies = (key, [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params])
-                torch._foreach_copy_(self._copies[1], params)
-                self._snapshot = self._copies[1]
+                    self._copies = (key, _SnapshotPlan(params))
+                plan = self._copies[1]
+                plan.copy(params)
+                self._snapshot = plan
             else:
                 self._snapshot = torch._foreach_mul(params, 1.0)
 
@@ -236,13 +311,56 @@ class HealthSampler:
         """Per-parameter norm of the update the optimizer just applied: ``(order, norms)`` as
         :func:`~floatscope._numerics.stats.l2_norms` returns them (None: in the order of ``params``)."""
         snapshot, self._snapshot = self._snapshot, None
-        if snapshot is None or len(snapshot) != len(params):
+        if snapshot is None:
             return None
         with torch.no_grad():
+            if isinstance(snapshot, _SnapshotPlan):
+                return snapshot.update_norms(params) if snapshot.size == len(params) else None
+            if len(snapshot) != len(params):
+                return None
             torch._foreach_sub_(snapshot, params)
             if all(s.dtype == torch.float32 for s in snapshot) and len({s.device for s in snapshot}) == 1:
                 return l2_norms(snapshot, scratch=self._scratch)
             return None, torch.stack([n.float() for n in torch._foreach_norm(snapshot)])
+
+
+class _SnapshotPlan:
+    """Kept CPU buffers for the parameters' snapshot: one (k, *shape) block per shape and dtype held
+    by several parameters, a copy of its own for each other parameter."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.size = len(params)
+        by_kind: dict[tuple[torch.Size, torch.dtype], list[int]] = {}
+        for i, p in enumerate(params):
+            by_kind.setdefault((p.shape, p.dtype), []).append(i)
+        self.blocks: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # (indices, before, after)
+        self.single: list[int] = []
+        for (shape, dtype), index in by_kind.items():
+            if len(index) > 1:
+                self.blocks.append((index, torch.empty((len(index), *shape), dtype=dtype),
+                                    torch.empty((len(index), *shape), dtype=dtype)))
+            else:
+                self.single += index
+        self.copies = [torch.empty_like(params[i], memory_format=torch.contiguous_format) for i in self.single]
+        self.order = [i for index, _, _ in self.blocks for i in index] + self.single
+
+    def copy(self, params: list[torch.Tensor]) -> None:
+        for index, before, _ in self.blocks:
+            torch.stack([params[i] for i in index], out=before)
+        if self.single:
+            torch._foreach_copy_(self.copies, [params[i] for i in self.single])
+
+    def update_norms(self, params: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
+        parts = []
+        for index, before, after in self.blocks:
+            torch.stack([params[i] for i in index], out=after)
+            parts.append(torch.linalg.vector_norm(before.sub_(after).reshape(len(index), -1), dim=1,
+                                                  dtype=torch.float32))
+        if self.single:
+            singles = [params[i] for i in self.single]
+            torch._foreach_sub_(self.copies, singles)
+            parts.append(torch.stack([n.float() for n in torch._foreach_norm(self.copies)]))
+        return self.order, torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 ACTIVATION_RECORD = (*ACTIVATION_FIELDS, "headroom_bits", "dtype", "type")
