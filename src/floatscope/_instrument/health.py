@@ -172,16 +172,18 @@ class HealthSampler:
             self._collect(layer, args, output)
 
     def _collect(self, layer: _Layer, args: Any, output: Any) -> None:
-        # Called for every layer of the sampled forward pass: the common case (a tensor output) first.
+        # Called for every layer of the sampled forward pass, so it does little: the common case (a
+        # tensor output) first; outputs that are not floating point or empty are dropped at the end.
         out = output if type(output) is torch.Tensor else (
             output if isinstance(output, torch.Tensor) else
             next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None))
-        if out is None or not out.is_floating_point() or out.numel() == 0:
+        if out is None:
             return
         key = id(out)
-        if key in self._seen:
+        seen = self._seen
+        if key in seen:
             return  # a container returning its last child's tensor: measured once, under the child
-        self._seen.add(key)
+        seen.add(key)
         inp = None
         if layer.kind == _SATURATES:
             inp = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_floating_point()),
@@ -217,6 +219,7 @@ class HealthSampler:
         float32 tensor, a row per statistic of DEVICE_FIELDS (-1: not measured)."""
         self.detach()
         collected, self._collected, self._seen = self._collected, [], set()
+        collected = [c for c in collected if c[1].dtype.is_floating_point and c[1].numel()]
         if not collected:
             return [], None
         groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
