@@ -1,7 +1,7 @@
 """The module tracker: which module (dotted path, call index) is running, for every instrument.
 
-One tracker serves the tracer, the precision analysis, the determinism check, the ONNX comparison
-and the health sampler. With a model it hooks that model's modules (and sees keyword arguments);
+One tracker serves the tracer, the precision analysis, the determinism check and the ONNX
+comparison (the health sampler tracks nothing: it keeps the layers' outputs of one pass). With a model it hooks that model's modules (and sees keyword arguments);
 without one it uses PyTorch's global forward hooks and names each new top-level module it meets
 as a root.
 """
