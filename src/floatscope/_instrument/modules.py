@@ -1,9 +1,9 @@
 """The module tracker: which module (dotted path, call index) is running, for every instrument.
 
 One tracker serves the tracer, the precision analysis, the determinism check and the ONNX
-comparison (the health sampler tracks nothing: it keeps the layers' outputs of one pass). With a model it hooks that model's modules (and sees keyword arguments);
-without one it uses PyTorch's global forward hooks and names each new top-level module it meets
-as a root.
+comparison (the health sampler tracks nothing: it keeps the layers' outputs of one pass). With a
+model it hooks that model's modules (and sees keyword arguments); without one it uses PyTorch's
+global forward hooks and names each new top-level module it meets as a root.
 """
 
 from __future__ import annotations
