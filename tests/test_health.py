@@ -521,3 +521,30 @@ def test_sampled_layers_keep_their_own_forward_and_lose_the_wrapper_when_forward
     assert set(first) == {"0", "1", "2"}
     x = torch.randn(3, 4)
     assert torch.equal(model[0](x), patched(x) * 2.0)
+
+
+@pytest.mark.parametrize("case", ["scripted-layer", "data-parallel"])
+def test_models_sampled_with_the_global_hook_record_their_layers(tmp_path, case):
+    """A scripted layer cannot take a wrapped forward, and DataParallel replicas would copy one: both
+    are sampled with one global forward hook, present for the sampled pass only."""
+    torch.manual_seed(0)
+    inner = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    if case == "scripted-layer":
+        inner[2] = torch.jit.script(inner[2])
+        model, prefix = inner, ""
+    else:
+        model, prefix = torch.nn.DataParallel(inner), "module."
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    forwards = [vars(m).get("forward") for m in model.modules()]  # a scripted module has its own
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=1) as w:
+        for _ in range(2):
+            x = torch.randn(16, 4)
+            expected = inner[0](x).abs().max().item()
+            model(x).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert w.result.status == "clean"
+    assert [vars(m).get("forward") for m in model.modules()] == forwards
+    acts = {(a.step, a.layer): a for a in fr.activations(w.run_id, store=str(tmp_path / "s.sqlite"))}
+    assert {layer for _, layer in acts} >= {f"{prefix}0", f"{prefix}1"}
+    assert acts[1, f"{prefix}0"].absmax == pytest.approx(expected, rel=1e-6)

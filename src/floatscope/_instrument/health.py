@@ -43,6 +43,7 @@ _COPY_ELEMENTS = 2**21  # on the CPU, snapshots of parameters up to this size in
 
 
 _MISSING = object()
+_PLANS_KEPT = 8  # sets of roots whose layers are kept between sampling steps
 
 # The device table of a sampling step: one row per statistic, one column per layer (-1: not measured).
 # nan and inf are read from absmax on the host (NaN and Inf propagate into it).
@@ -115,7 +116,8 @@ class HealthSampler:
         self.every = every
         self.types: dict[str, str] = {}
         self._handle: Any = None
-        self._plans: dict[tuple[int, ...], list[_Layer]] = {}  # the named layers of each set of roots
+        # per set of roots: (the roots, their named layers, whether they need the global hook)
+        self._plans: dict[tuple[int, ...], tuple[tuple[torch.nn.Module, ...], list[_Layer], bool]] = {}
         self._by_module: dict[int, _Layer] = {}  # for the global hook
         self._wrapped: list[tuple[_Layer, Any]] = []  # (layer, the instance forward its wrapper replaced)
         self._collected: list[tuple[_Layer, torch.Tensor, torch.Tensor | None]] = []
@@ -128,29 +130,37 @@ class HealthSampler:
         return self.every > 0 and step % self.every == 0
 
     # ------------------------------------------------------------------ activations
-    def _layers_of(self, roots: list[torch.nn.Module]) -> list[_Layer]:
-        """The named layers of ``roots`` (the first root wins for a shared layer), built once per roots."""
+    def _layers_of(self, roots: list[torch.nn.Module]) -> tuple[list[_Layer], bool]:
+        """The named layers of ``roots`` (the first root wins for a shared layer), built once per
+        roots, and whether they need the global hook (a ``DataParallel`` root or a scripted layer).
+
+        A plan holds its roots, so their ids are not reused while it is kept; the last few are kept
+        (a script that builds a new model now and then does not grow the cache).
+        """
         key = tuple(id(r) for r in roots)
         plan = self._plans.get(key)
         if plan is not None:
-            return plan
-        plan, seen = [], set()
+            return plan[1], plan[2]
+        layers, seen = [], set()
         for root in roots:
             for name, module in root.named_modules():
                 self.types.setdefault(name, type(module).__name__)
                 if name and id(module) not in seen:
                     seen.add(id(module))
-                    plan.append(_Layer(name, module, self._collect))
-        self._plans[key] = plan
-        return plan
+                    layers.append(_Layer(name, module, self._collect))
+        hooked = any(isinstance(r, torch.nn.DataParallel) for r in roots) or any(
+            isinstance(layer.module, torch.jit.ScriptModule) for layer in layers)
+        while len(self._plans) >= _PLANS_KEPT:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = (tuple(roots), layers, hooked)
+        return layers, hooked
 
     def attach(self, roots: list[torch.nn.Module]) -> None:
         """Keep every named layer's output of the coming forward pass of ``roots``."""
         self.detach()
-        layers = self._layers_of(roots)
+        layers, hooked = self._layers_of(roots)
         self._collected, self._seen = [], set()
-        if any(isinstance(r, torch.nn.DataParallel) for r in roots) or any(
-                isinstance(layer.module, torch.jit.ScriptModule) for layer in layers):
+        if hooked:
             self._by_module = {id(layer.module): layer for layer in layers}
             self._handle = register_module_forward_hook(self._hook)
             return
