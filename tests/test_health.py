@@ -548,3 +548,61 @@ def test_models_sampled_with_the_global_hook_record_their_layers(tmp_path, case)
     acts = {(a.step, a.layer): a for a in fr.activations(w.run_id, store=str(tmp_path / "s.sqlite"))}
     assert {layer for _, layer in acts} >= {f"{prefix}0", f"{prefix}1"}
     assert acts[1, f"{prefix}0"].absmax == pytest.approx(expected, rel=1e-6)
+
+
+class _Block(torch.nn.Module):
+    """torchvision's BasicBlock: conv, BN, in-place ReLU, conv, BN, `out += identity`, in-place ReLU."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn1 = torch.nn.BatchNorm2d(channels)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.conv2 = torch.nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = torch.nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        identity = x
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += identity
+        return self.relu(out)
+
+
+def test_outputs_written_in_place_later_are_measured_as_the_layer_returned_them(tmp_path):
+    """An in-place ReLU and a residual `+=` overwrite a layer's output after it returns: from the
+    second sample on the sampler keeps a copy of those outputs, so BatchNorm's rms is ~1 (not the
+    ReLU'd values) and each in-place ReLU has its own sample; dead units of a conv ReLU are channels."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), _Block(8),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 2))
+    with torch.no_grad():
+        model[0].bias[:4] = -1000.0  # 4 of 8 channels dead after the first ReLU
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    truth: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            truth[name] = output.detach().double().clone()
+        return hook
+
+    for name, m in model.named_modules():
+        if name in ("2.bn1", "2.bn2", "1"):
+            m.register_forward_hook(keep(name))
+    expected = {}
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=1) as w:
+        for step in range(3):
+            model(torch.randn(4, 3, 8, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+            expected[step] = {n: (t.abs().max().item(), t.pow(2).mean().sqrt().item()) for n, t in truth.items()}
+            expected[step]["dead"] = (truth["1"] == 0).all(dim=3).all(dim=2).all(dim=0).double().mean().item()
+    acts = {(a.step, a.layer): a for a in fr.activations(w.run_id, store=str(tmp_path / "s.sqlite"))}
+    for step in (1, 2):
+        for name in ("2.bn1", "2.bn2"):
+            absmax, rms = expected[step][name]
+            assert acts[step, name].rms == pytest.approx(rms, rel=1e-5)  # about 1: BatchNorm's output
+            assert acts[step, name].absmax == pytest.approx(absmax, rel=1e-5)
+        assert acts[step, "2.relu"].type == "ReLU" and acts[step, "2.relu"].dead_frac is not None
+        assert acts[step, "1"].dead_frac == pytest.approx(expected[step]["dead"]) == 0.5
+    assert (0, "2.bn1") not in acts  # the first sample finds the overwrite: not measured, not wrong

@@ -86,17 +86,27 @@ def _group_stats(outputs: list[torch.Tensor], scratch: Scratch | None = None) ->
 
 
 _PLAIN, _SATURATES, _RECTIFIES = 0, 1, 2
+_CHANNELS_FIRST_1D = ("Conv1d", "ConvTranspose1d", "BatchNorm1d", "InstanceNorm1d", "LazyConv1d", "LazyBatchNorm1d")
+
+
+def _unit_dim(out: torch.Tensor, previous: str) -> int:
+    """The dimension of a ReLU output's units: channels (dim 1) for images and volumes (N, C, H, W...)
+    and for (N, C, L) after a 1-d convolution or norm; features (the last dim) otherwise."""
+    if out.dim() >= 4 or (out.dim() == 3 and previous in _CHANNELS_FIRST_1D):
+        return 1
+    return -1
 
 
 class _Layer:
     """A named layer of a sampled root: its wrapped forward, kept from one sampling step to the next."""
 
-    __slots__ = ("name", "module", "type", "kind", "target", "forward", "wrapper")
+    __slots__ = ("name", "module", "type", "kind", "target", "forward", "wrapper", "copy")
 
     def __init__(self, name: str, module: torch.nn.Module, collect: Any) -> None:
         self.name, self.module, self.type = name, module, type(module).__name__
         self.kind = (_SATURATES if isinstance(module, _SATURATING) else
                      _RECTIFIES if isinstance(module, _RECTIFIERS) else _PLAIN)
+        self.copy = False  # the output is written in place later in the pass: keep a copy of it
         self.target: Any = None  # the class or instance forward that ``forward`` is bound from
         self.forward: Any = None
         layer = self
@@ -120,8 +130,9 @@ class HealthSampler:
         self._plans: dict[tuple[int, ...], tuple[tuple[torch.nn.Module, ...], list[_Layer], bool]] = {}
         self._by_module: dict[int, _Layer] = {}  # for the global hook
         self._wrapped: list[tuple[_Layer, Any]] = []  # (layer, the instance forward its wrapper replaced)
-        self._collected: list[tuple[_Layer, torch.Tensor, torch.Tensor | None]] = []
-        self._seen: set[int] = set()
+        # (layer, its output, the input of a saturating layer, the output's version; -1: a copy)
+        self._collected: list[tuple[_Layer, torch.Tensor, torch.Tensor | None, int]] = []
+        self._seen: set[tuple[int, int]] = set()
         self._snapshot: list[torch.Tensor] | _SnapshotPlan | None = None
         self._copies: tuple[Any, _SnapshotPlan] | None = None  # kept snapshot buffers (CPU)
         self._scratch = Scratch()
@@ -189,7 +200,7 @@ class HealthSampler:
             next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None))
         if out is None:
             return
-        key = id(out)
+        key = (id(out), out._version)
         seen = self._seen
         if key in seen:
             return  # a container returning its last child's tensor: measured once, under the child
@@ -198,7 +209,11 @@ class HealthSampler:
         if layer.kind == _SATURATES:
             inp = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_floating_point()),
                        None)
-        self._collected.append((layer, out, inp))
+        if layer.copy:  # the pass writes this output in place later (an in-place ReLU, `out += identity`)
+            with torch.no_grad():
+                self._collected.append((layer, out.detach().clone(), inp, -1))
+        else:
+            self._collected.append((layer, out, inp, out._version))
 
     def detach(self) -> None:
         """Stop collecting: remove the hook or put every wrapped layer's ``forward`` back."""
@@ -229,13 +244,22 @@ class HealthSampler:
         float32 tensor, a row per statistic of DEVICE_FIELDS (-1: not measured)."""
         self.detach()
         collected, self._collected, self._seen = self._collected, [], set()
-        collected = [c for c in collected if c[1].dtype.is_floating_point and c[1].numel()]
+        kept = []
+        for c in collected:
+            layer, out, _, version = c
+            if version >= 0 and out._version != version:
+                # Written in place after the layer returned: what is here is not its output. The
+                # layer's output is copied when it returns from the next sample on.
+                layer.copy = True
+            elif out.dtype.is_floating_point and out.numel():
+                kept.append(c)
+        collected = kept
         if not collected:
             return [], None
         groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
         meta = []
         dtypes = _DTYPE_NAMES
-        for i, (layer, out, _) in enumerate(collected):
+        for i, (layer, out, _, _) in enumerate(collected):
             dtype = out.dtype
             groups.setdefault((out.device, dtype, out.shape), []).append(i)
             meta.append((layer.name, dtypes.get(dtype) or dtype_name(dtype), layer.type))
@@ -254,11 +278,15 @@ class HealthSampler:
                         table[:width, part[0]:part[-1] + 1] = stats
                     else:
                         table[:width, torch.tensor(part, device=device)] = stats
-            for i, (layer, out, inp) in enumerate(collected):
+            previous = ""
+            for i, (layer, out, inp, _) in enumerate(collected):
                 if inp is not None:
                     table[4, i] = (inp.abs() > 5.0).float().mean().to(device)
-                if layer.kind == _RECTIFIES and out.dim() >= 1 and out.shape[-1] > 0:
-                    table[5, i] = (out.reshape(-1, out.shape[-1]) == 0).all(dim=0).float().mean().to(device)
+                if layer.kind == _RECTIFIES and out.dim() >= 1:
+                    units = out.movedim(_unit_dim(out, previous), -1)
+                    if units.shape[-1] > 0:
+                        table[5, i] = (units.reshape(-1, units.shape[-1]) == 0).all(dim=0).float().mean().to(device)
+                previous = layer.type
         return meta, table
 
     # ------------------------------------------------------------------ parameters
