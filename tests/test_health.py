@@ -606,3 +606,28 @@ def test_outputs_written_in_place_later_are_measured_as_the_layer_returned_them(
         assert acts[step, "2.relu"].type == "ReLU" and acts[step, "2.relu"].dead_frac is not None
         assert acts[step, "1"].dead_frac == pytest.approx(expected[step]["dead"]) == 0.5
     assert (0, "2.bn1") not in acts  # the first sample finds the overwrite: not measured, not wrong
+
+
+def test_a_compiled_model_keeps_one_graph_and_records_parameter_samples(tmp_path):
+    """Layer wrappers would be traced by Dynamo: a compiled model's activations are not sampled."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        with floatscope.watch(compiled, opt, store=str(tmp_path / "s.sqlite"), health_every=1) as w:
+            for _ in range(3):
+                compiled(torch.randn(3, 4)).pow(2).mean().backward()
+                opt.step()
+                opt.zero_grad()
+        assert w.result.status == "clean"
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+        assert fr.activations(w.run_id, store=str(tmp_path / "s.sqlite")) == []
+        assert {p.step for p in fr.params(w.run_id, store=str(tmp_path / "s.sqlite"))} == {0, 1, 2}
+        assert all("forward" not in vars(m) for m in model.modules())
+    finally:
+        torch._dynamo.reset()

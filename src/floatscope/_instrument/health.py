@@ -169,8 +169,11 @@ class HealthSampler:
     def attach(self, roots: list[torch.nn.Module]) -> None:
         """Keep every named layer's output of the coming forward pass of ``roots``."""
         self.detach()
-        layers, hooked = self._layers_of(roots)
         self._collected, self._seen = [], set()
+        if any(type(r).__name__ == "OptimizedModule" or getattr(r, "_compiled_call_impl", None) is not None
+               for r in roots):
+            return  # a compiled model: wrappers or hooks would be traced and break its graphs
+        layers, hooked = self._layers_of(roots)
         if hooked:
             self._by_module = {id(layer.module): layer for layer in layers}
             self._handle = register_module_forward_hook(self._hook)
