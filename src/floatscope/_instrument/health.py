@@ -5,7 +5,10 @@ the input of Sigmoid/Tanh layers) for that one forward pass: its ``forward`` is 
 instance attribute, which keeps PyTorch's fast module call (a forward hook sends every module call
 of the pass down the slow path, about 5 us each), and the attribute is removed when the pass ends,
 on every exit path. A root that copies its children's attributes (``DataParallel`` replicas) or a
-scripted layer is sampled with one global forward hook instead. When the pass ends, the
+scripted layer is sampled with one global forward hook instead, and a compiled model is not
+sampled (Dynamo would trace the wrappers). Outputs are told apart by tensor and version: an
+in-place ReLU's output is its own sample, and an output that the pass writes in place after its
+layer returned (``out += identity``) is left out once, then copied on return. When the pass ends, the
 statistics of all layers are computed together: outputs of the same dtype and size are stacked
 and reduced row by row, so a sampling step costs a few dozen kernels whatever the number of
 layers. NaN and Inf are never dropped: they propagate into a layer's absmax and RMS, and the layer is
