@@ -223,8 +223,51 @@ def test_watch_leaves_no_trace(case, global_mode):
         pass
     assert torch_global_state() == before
     assert not model._forward_hooks and not model._forward_pre_hooks
+    assert not {"zero_grad", "__reduce_ex__"} & set(vars(model))
     assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks
     assert "step" not in vars(scaler) and "update" not in vars(scaler)
+
+
+def _scripts_own_hook(module, args, output):
+    return None
+
+
+@pytest.mark.parametrize("store", ["file", None])
+@pytest.mark.parametrize("global_mode", [False, True])
+def test_copies_of_a_watched_model_carry_nothing_of_the_watch(tmp_path, store, global_mode):
+    """An EMA copy (deepcopy), torch.optim.swa_utils.AveragedModel and torch.save of a watched model
+    work, and the copies hold no floatscope hook or patch: the EMA's zero_grad leaves the model's grads."""
+    import copy
+    import io
+    import pickle
+
+    model = _mlp()
+    model.register_forward_hook(_scripts_own_hook)  # copied with the model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = (None, None) if global_mode else (model, opt)
+    with floatscope.watch(*args, store=tmp_path / "run.sqlite" if store else None) as w:
+        for i, (x, y) in enumerate(_batches(4)):
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            if i == 0:
+                ema = copy.deepcopy(model)
+                swa = torch.optim.swa_utils.AveragedModel(model)
+            opt.step()
+            ema.load_state_dict(model.state_dict())
+            swa.update_parameters(model)
+            buffer = io.BytesIO()
+            torch.save(model, buffer)
+            assert b"floatscope" not in pickle.dumps(model)
+            ema.zero_grad()
+            assert all(p.grad is not None for p in model.parameters())  # the model's grads are its own
+        for copied in (ema, swa.module):
+            assert not {"zero_grad", "__reduce_ex__"} & set(vars(copied))
+            assert len(copied._forward_hooks) == 1 and not copied._forward_pre_hooks  # only the script's
+        loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+        torch.testing.assert_close(loaded(_batches(1)[0][0]), model(_batches(1)[0][0]))
+    assert w.result.status == "clean" and w.result.steps == 4
+    assert not {"zero_grad", "__reduce_ex__"} & set(vars(model)) and len(model._forward_hooks) == 1
 
 
 def test_locate_leaves_no_trace_even_when_fn_raises():

@@ -481,8 +481,8 @@ class StepCapture:
         else:
             for m in self.models:
                 self.add_root(m)
-                hooks.add(m.register_forward_pre_hook(self._root_pre, with_kwargs=True))
-                hooks.add(m.register_forward_hook(self._root_post, always_call=True))
+                hooks.add(m.register_forward_pre_hook(self._root_pre, with_kwargs=True), on=m)
+                hooks.add(m.register_forward_hook(self._root_post, always_call=True), on=m)
                 self.wrap_zero_grad(m)
         for optimizer in self._given_optimizers:
             self.wrap_zero_grad(optimizer)
