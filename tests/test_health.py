@@ -431,8 +431,9 @@ def test_saturation_is_explained_for_the_activation_in_the_model(tmp_path, act, 
 
 # ----------------------------------------------------------------------------------- sample values
 def test_health_samples_match_a_float64_oracle(tmp_path):
-    """Every sampled number against float64: layer absmax, rms, saturation and dead fraction; the
-    gradient, weight and update norms, with weights of a shared shape (stacked) and of their own."""
+    """Every sampled number against float64: layer absmax, rms, headroom, saturation and dead fraction;
+    the gradient, weight and update norms, with weights of a shared shape (stacked) and of their own.
+    The batch size changes at the last step, so the layers' outputs change shape between samples."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sigmoid(), torch.nn.Linear(8, 8), torch.nn.ReLU(),
                                 torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
@@ -452,7 +453,8 @@ def test_health_samples_match_a_float64_oracle(tmp_path):
     try:
         with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=1) as w:
             for step in range(3):
-                x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+                batch = 32 if step < 2 else 20
+                x, y = torch.randn(batch, 8), torch.randint(0, 3, (batch,))
                 loss = F.cross_entropy(model(x), y)
                 opt.zero_grad()
                 loss.backward()
@@ -476,7 +478,8 @@ def test_health_samples_match_a_float64_oracle(tmp_path):
     for a in acts:
         absmax, rms, saturated, dead = expected_acts[a.step, a.layer]
         assert a.absmax == pytest.approx(absmax, rel=1e-6) and a.rms == pytest.approx(rms, rel=1e-5)
-        assert a.nan == 0 and a.inf == 0
+        assert a.nan == 0 and a.inf == 0 and a.zero_frac is None and a.below_normal_frac is None  # float32
+        assert a.headroom_bits == pytest.approx(math.log2(torch.finfo(torch.float32).max / absmax), abs=1e-4)
         if a.type in ("Sigmoid", "Tanh"):
             assert a.saturation == pytest.approx(saturated, abs=1e-7)
         else:

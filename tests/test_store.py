@@ -502,6 +502,22 @@ def test_packed_columns_keep_none_and_read_non_finite_numbers_as_json_rows_did()
         ("b", {"x": None, "n": None, "t": "float32", "d": None, "e": {"16": 0.5}, "s": "Linear"})]
 
 
+def test_a_packed_layout_stores_what_pack_columns_stores_and_refuses_a_wrong_count():
+    from floatscope._store.schema import PackedLayout, pack_columns, unpack_columns
+
+    fields, layers = ["x", "n", "t", "s"], ["a", "b", "c"]
+    x, n = [1.5, float("nan"), -2.0], [float("inf"), 0.0, 1e-300]
+    others = [["float16", "float32", "float16"], ["Linear"] * 3]
+    layout = PackedLayout(fields, layers, 2, others)
+    packed = json.loads(layout.pack(x + n))
+    assert packed == json.loads(json.dumps(pack_columns(fields, layers, [x, n, *others])))
+    assert unpack_columns(packed)[0] == ("a", {"x": 1.5, "n": None, "t": "float16", "s": "Linear"})
+    with pytest.raises(ValueError, match="5 numbers for a layout of 6"):
+        layout.pack(x + n[:2])
+    with pytest.raises(ValueError, match="4 fields but 1 numeric and 2 other"):
+        PackedLayout(fields, layers, 1, others)
+
+
 def test_a_store_from_a_newer_floatscope_is_refused_with_the_fix(tmp_path):
     path = tmp_path / "s.sqlite"
     RunStore(path).close()

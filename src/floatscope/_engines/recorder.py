@@ -17,15 +17,16 @@ import torch
 from floatscope._engines.repro import last_seeding
 from floatscope._instrument.autocast import autocast_state
 from floatscope._instrument.channel import Payload
-from floatscope._instrument.health import ACTIVATION_RECORD, FLUSH_SCALES, PARAM_FIELDS, activation_columns
+from floatscope._instrument.health import ACTIVATION_RECORD, FLUSH_SCALES, PARAM_FIELDS, Layout
 from floatscope._numerics.formats import dtype_name
 from floatscope._store.env import environment
-from floatscope._store.schema import ModelInfo, PrecisionInfo, RunConfig
+from floatscope._store.schema import ModelInfo, PackedLayout, PrecisionInfo, RunConfig
 from floatscope._store.sqlite import RunStore
 
 __all__ = ["RunRecorder"]
 
 _INPUT_BATCHES = 3
+_NUMERIC = len(ACTIVATION_RECORD) - 2  # the record's numbers; then dtype and type
 
 
 class RunRecorder:
@@ -48,6 +49,8 @@ class RunRecorder:
         self._models_seen: set[int] = set()
         self._precision_recorded = False
         self._fp_written = 0
+        # the last activation Layout and its packed form (the layers repeat from one sample to the next)
+        self._activation_layout: tuple[Layout, PackedLayout] | None = None
         if store is not None:
             seeding = last_seeding()
             if seeding is not None:
@@ -158,10 +161,11 @@ class RunRecorder:
             step, names = meta
             self._param_field(step, "update_norm", names, values)
         elif kind == "activations":
-            step, rows = meta
-            names, dtypes, types = [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]  # (6, layers)
-            self.store.add_health(self.run_id, step, "activation", list(ACTIVATION_RECORD), names,
-                                  activation_columns(values, dtypes, types))
+            step, layout = meta  # values: the numeric fields of ACTIVATION_RECORD, a row of layers each
+            if self._activation_layout is None or self._activation_layout[0] is not layout:
+                self._activation_layout = (layout, PackedLayout(list(ACTIVATION_RECORD), layout.names, _NUMERIC,
+                                                                [layout.dtypes, layout.types]))
+            self.store.add_packed_health(self.run_id, step, "activation", self._activation_layout[1], values)
 
     def _param_field(self, step: int, field: str, names: list[str], values: list[Any]) -> None:
         self._params.setdefault(step, {}).setdefault(field, {}).update(zip(names, values, strict=True))

@@ -325,9 +325,9 @@ class Watch(CaptureListener):
     @_guarded
     def pass_ended(self, p: Pass) -> None:
         if self._health.attached:
-            meta, table = self._health.take_activations()
+            layout, table = self._health.take_activations()
             if table is not None:
-                self._channel.record(Payload("activations", table.reshape(-1), (self._capture.window.iteration, meta)))
+                self._channel.record(Payload("activations", table.reshape(-1), (self._capture.window.iteration, layout)))
 
     @_guarded
     def leaves_added(self, leaves: list[tuple[str, torch.Tensor]]) -> None:

@@ -11,8 +11,10 @@ in-place ReLU's output is its own sample, and an output that the pass writes in 
 layer returned (``out += identity``) is left out once, then copied on return. When the pass ends, the
 statistics of all layers are computed together: outputs of the same dtype and size are stacked
 and reduced row by row, so a sampling step costs a few dozen kernels whatever the number of
-layers. NaN and Inf are never dropped: they propagate into a layer's absmax and RMS, and the layer is
-marked as holding them. Parameter statistics (the update of each weight and,
+layers; the whole stored record (nan, inf and headroom included) is made there, and how it is laid
+out (the groups, names and dtypes) is kept while the layers and their shapes repeat, so the host
+packs the transferred numbers as they come. NaN and Inf are never dropped: they propagate into a
+layer's absmax and RMS, and the layer is marked as holding them. Parameter statistics (the update of each weight and,
 in float16 training, the share of gradient elements that would flush to zero at candidate loss
 scales) use ``torch._foreach`` ops and one flat histogram.
 """
@@ -30,7 +32,7 @@ from floatscope._numerics.formats import dtype_name, format_of
 from floatscope._numerics.stats import Scratch, l2_norms
 
 __all__ = ["HealthSampler", "ACTIVATION_FIELDS", "ACTIVATION_RECORD", "DEVICE_FIELDS", "PARAM_FIELDS", "FLUSH_SCALES",
-           "activation_columns"]
+           "Layout"]
 
 ACTIVATION_FIELDS = ("absmax", "rms", "zero_frac", "nan", "inf", "below_normal_frac", "saturation", "dead_frac")
 PARAM_FIELDS = ("grad_norm", "weight_norm", "update_norm", "grad_nonzero", "grad_flush_frac", "grad_absmax",
@@ -48,8 +50,8 @@ _COPY_ELEMENTS = 2**21  # on the CPU, snapshots of parameters up to this size in
 _MISSING = object()
 _PLANS_KEPT = 8  # sets of roots whose layers are kept between sampling steps
 
-# The device table of a sampling step: one row per statistic, one column per layer (-1: not measured).
-# nan and inf are read from absmax on the host (NaN and Inf propagate into it).
+# The working table of a sampling step on the device: one row per statistic, one column per layer (NaN:
+# not measured). nan, inf and headroom_bits are derived from absmax (NaN and Inf propagate into it).
 DEVICE_FIELDS = ("absmax", "rms", "zero_frac", "below_normal_frac", "saturation", "dead_frac")
 
 
@@ -92,10 +94,10 @@ _PLAIN, _SATURATES, _RECTIFIES = 0, 1, 2
 _CHANNELS_FIRST_1D = ("Conv1d", "ConvTranspose1d", "BatchNorm1d", "InstanceNorm1d", "LazyConv1d", "LazyBatchNorm1d")
 
 
-def _unit_dim(out: torch.Tensor, previous: str) -> int:
+def _unit_dim(ndim: int, previous: str) -> int:
     """The dimension of a ReLU output's units: channels (dim 1) for images and volumes (N, C, H, W...)
     and for (N, C, L) after a 1-d convolution or norm; features (the last dim) otherwise."""
-    if out.dim() >= 4 or (out.dim() == 3 and previous in _CHANNELS_FIRST_1D):
+    if ndim >= 4 or (ndim == 3 and previous in _CHANNELS_FIRST_1D):
         return 1
     return -1
 
@@ -122,6 +124,50 @@ class _Layer:
         self.wrapper = sampled_forward
 
 
+class Layout:
+    """How a sampling step's statistics are laid out, derived from its layers and their outputs'
+    shapes alone, and kept from one sample to the next while they repeat (the Python work of a
+    sample is per layer): the name, dtype and module type of each column, the groups of outputs
+    reduced together, and the layers with a saturation or dead-unit statistic."""
+
+    __slots__ = ("key", "names", "dtypes", "types", "device", "groups", "saturating", "rectifying", "_log2_max")
+
+    def __init__(self, key: list[tuple[_Layer, torch.Size, torch.dtype, torch.device]]) -> None:
+        self.key = key
+        self.names = [layer.name for layer, _, _, _ in key]
+        self.dtypes = [_DTYPE_NAMES.get(dtype) or dtype_name(dtype) for _, _, dtype, _ in key]
+        self.types = [layer.type for layer, _, _, _ in key]
+        self.device = key[0][3]
+        by_shape: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
+        for i, (_, shape, dtype, where) in enumerate(key):
+            by_shape.setdefault((where, dtype, shape), []).append(i)
+        # (device, the outputs' indices, their columns in the table: a slice where they are contiguous)
+        self.groups: list[tuple[torch.device, list[int], slice | torch.Tensor]] = []
+        for (where, _, shape), index in by_shape.items():
+            per_chunk = max(1, _CHUNK_ELEMENTS // max(shape.numel(), 1))
+            for start in range(0, len(index), per_chunk):
+                part = index[start:start + per_chunk]
+                columns = (slice(part[0], part[-1] + 1) if part[-1] - part[0] == len(part) - 1
+                           else torch.tensor(part, device=self.device))
+                self.groups.append((where, part, columns))
+        self.saturating = [i for i, (layer, _, _, _) in enumerate(key) if layer.kind == _SATURATES]
+        self.rectifying: list[tuple[int, int]] = []  # (index, the dimension of its units)
+        previous = ""
+        for i, (layer, shape, _, _) in enumerate(key):
+            if layer.kind == _RECTIFIES and len(shape) >= 1:
+                self.rectifying.append((i, _unit_dim(len(shape), previous)))
+            previous = layer.type
+        self._log2_max: dict[torch.device, torch.Tensor] = {}
+
+    def log2_max(self, device: torch.device) -> torch.Tensor:
+        """log2 of each column's format maximum (NaN for a dtype without one), float32 on ``device``."""
+        values = self._log2_max.get(device)
+        if values is None:
+            values = self._log2_max[device] = torch.tensor(
+                [math.log2(m) if m else math.nan for m in map(_format_max, self.dtypes)], device=device)
+        return values
+
+
 class HealthSampler:
     """Collects per-layer statistics on sampling steps; see the module docstring."""
 
@@ -139,6 +185,7 @@ class HealthSampler:
         self._snapshot: list[torch.Tensor] | _SnapshotPlan | None = None
         self._copies: tuple[Any, _SnapshotPlan] | None = None  # kept snapshot buffers (CPU)
         self._scratch = Scratch()
+        self._layout: Layout | None = None
 
     def is_sampling(self, step: int) -> bool:
         return self.every > 0 and step % self.every == 0
@@ -240,17 +287,18 @@ class HealthSampler:
         self.detach()
         self._plans.clear()
         self._by_module = {}
+        self._layout = None
 
     @property
     def attached(self) -> bool:
         return self._handle is not None or bool(self._wrapped)
 
-    def take_activations(self) -> tuple[list[tuple[str, str, str]], torch.Tensor | None]:
-        """Statistics of the collected outputs: [(layer, dtype, module type)] and one (6, layers)
-        float32 tensor, a row per statistic of DEVICE_FIELDS (-1: not measured)."""
+    def take_activations(self) -> tuple[Layout | None, torch.Tensor | None]:
+        """Statistics of the collected outputs: their :class:`Layout` and one (9, layers) float32
+        tensor, a row per numeric field of ACTIVATION_RECORD (NaN: not measured)."""
         self.detach()
         collected, self._collected, self._seen = self._collected, [], set()
-        kept = []
+        kept, key = [], []
         for c in collected:
             layer, out, _, version = c
             if version >= 0 and out._version != version:
@@ -259,41 +307,34 @@ class HealthSampler:
                 layer.copy = True
             elif out.dtype.is_floating_point and out.numel():
                 kept.append(c)
-        collected = kept
-        if not collected:
-            return [], None
-        groups: dict[tuple[torch.device, torch.dtype, torch.Size], list[int]] = {}
-        meta = []
-        dtypes = _DTYPE_NAMES
-        for i, (layer, out, _, _) in enumerate(collected):
-            dtype = out.dtype
-            groups.setdefault((out.device, dtype, out.shape), []).append(i)
-            meta.append((layer.name, dtypes.get(dtype) or dtype_name(dtype), layer.type))
-        device = collected[0][1].device
+                key.append((layer, out.shape, out.dtype, out.device))
+        if not kept:
+            return None, None
+        layout = self._layout
+        if layout is None or layout.key != key:  # the layers or their outputs' shapes changed
+            layout = self._layout = Layout(key)
+        device = layout.device
         with torch.no_grad():
-            table = torch.full((len(DEVICE_FIELDS), len(collected)), -1.0, device=device)
-            for (where, _, shape), index in groups.items():
-                per_chunk = max(1, _CHUNK_ELEMENTS // max(shape.numel(), 1))
-                for start in range(0, len(index), per_chunk):
-                    part = index[start:start + per_chunk]
-                    stats = _group_stats([collected[i][1] for i in part], self._scratch)
-                    if where != device:
-                        stats = stats.to(device)
-                    width = stats.shape[0]  # absmax, rms (, zero_frac, below_normal_frac)
-                    if part[-1] - part[0] == len(part) - 1:
-                        table[:width, part[0]:part[-1] + 1] = stats
-                    else:
-                        table[:width, torch.tensor(part, device=device)] = stats
-            previous = ""
-            for i, (layer, out, inp, _) in enumerate(collected):
+            table = torch.full((len(DEVICE_FIELDS), len(kept)), math.nan, device=device)
+            for where, part, columns in layout.groups:
+                stats = _group_stats([kept[i][1] for i in part], self._scratch)
+                if where != device:
+                    stats = stats.to(device)
+                table[:stats.shape[0], columns] = stats  # absmax, rms (, zero_frac, below_normal_frac)
+            for i in layout.saturating:
+                inp = kept[i][2]
                 if inp is not None:
                     table[4, i] = (inp.abs() > 5.0).float().mean().to(device)
-                if layer.kind == _RECTIFIES and out.dim() >= 1:
-                    units = out.movedim(_unit_dim(out, previous), -1)
-                    if units.shape[-1] > 0:
-                        table[5, i] = (units.reshape(-1, units.shape[-1]) == 0).all(dim=0).float().mean().to(device)
-                previous = layer.type
-        return meta, table
+            for i, dim in layout.rectifying:
+                units = kept[i][1].movedim(dim, -1)
+                table[5, i] = (units.reshape(-1, units.shape[-1]) == 0).all(dim=0).float().mean().to(device)
+            absmax = table[0]
+            # headroom: log2(format max / absmax); log2 of each, so a tiny absmax does not overflow the ratio.
+            # An absmax of Inf gives -inf, of 0 or NaN no value (read back as None).
+            headroom = layout.log2_max(device) - absmax.log2()
+            record = torch.stack([absmax, table[1], table[2], absmax.isnan().float(), (absmax == math.inf).float(),
+                                  table[3], table[4], table[5], headroom])
+        return layout, record
 
     # ------------------------------------------------------------------ parameters
     def snapshot(self, params: list[torch.Tensor]) -> None:
@@ -423,27 +464,3 @@ def _format_max(dtype: str) -> float:
             fmt_max = 0.0
         _MAX_OF[dtype] = fmt_max
     return fmt_max
-
-
-def activation_columns(values: list[float], dtypes: list[str], types: list[str]) -> list[list[Any]]:
-    """The stored activation record of every layer, column by column in the order of ACTIVATION_RECORD.
-
-    ``values`` is the (6, layers) device table of :meth:`HealthSampler.take_activations`, flattened.
-    Statistics that were not measured for a layer (-1) are None; nan and inf are 1 when the layer
-    held any (its absmax is NaN, or +inf); ``headroom_bits`` is log2 of the layer dtype's largest
-    value over its absmax.
-    """
-    n = len(dtypes)
-    absmax, rms, zero, below, saturation, dead = (values[k * n:(k + 1) * n] for k in range(len(DEVICE_FIELDS)))
-    nan = [1 if a != a else 0 for a in absmax]
-    inf = [1 if a == math.inf else 0 for a in absmax]
-    zero, below, saturation, dead = ([v if v >= 0 else None for v in c] for c in (zero, below, saturation, dead))
-    columns: list[list[Any]] = [absmax, rms, zero, nan, inf, below, saturation, dead]  # ACTIVATION_FIELDS
-    headroom: list[float | None] = []
-    for a, dtype in zip(absmax, dtypes, strict=True):
-        fmt_max = _format_max(dtype)
-        if 0 < a < math.inf and fmt_max:
-            headroom.append(math.log2(fmt_max / a))
-        else:
-            headroom.append(-math.inf if a == math.inf else None)
-    return [*columns, headroom, list(dtypes), list(types)]

@@ -34,7 +34,8 @@ from typing import Any
 from floatscope._errors import StoreError
 from floatscope._results import to_json_value
 from floatscope._store.schema import (DDL, MIGRATIONS, RUN_COLUMNS, SCHEMA_NAME, SCHEMA_VERSION, ActivationSample,
-                                      Event, ParamSample, RunConfig, RunRecord, StepRecord, pack_columns, pack_floats,
+                                      Event, PackedLayout, ParamSample, RunConfig, RunRecord, StepRecord, pack_columns,
+                                      pack_floats,
                                       unpack_columns, unpack_floats)
 
 __all__ = ["RunStore", "RunRecord", "StepRecord", "StoreMissing", "DEFAULT_STORE"]
@@ -278,6 +279,13 @@ class RunStore:
         """
         data = json.dumps(pack_columns(fields, layers, columns))
         self._pending.append(("INSERT INTO health VALUES (?, ?, ?, ?, ?)", (run_id, step, "", kind + "s", data)))
+        self._maybe_commit()
+
+    def add_packed_health(self, run_id: str, step: int, kind: str, layout: PackedLayout, numbers: Any) -> None:
+        """:meth:`add_health` for samples whose layers and other columns repeat (``layout``): the
+        numeric columns, one after the other, in ``numbers`` (NaN for no value)."""
+        self._pending.append(("INSERT INTO health VALUES (?, ?, ?, ?, ?)", (run_id, step, "", kind + "s",
+                                                                           layout.pack(numbers))))
         self._maybe_commit()
 
     def add_fingerprint(self, run_id: str, step: int, kind: str, values: list[float]) -> None:
