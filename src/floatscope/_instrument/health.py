@@ -421,12 +421,12 @@ class _SnapshotPlan:
         by_kind: dict[tuple[torch.Size, torch.dtype], list[int]] = {}
         for i, p in enumerate(params):
             by_kind.setdefault((p.shape, p.dtype), []).append(i)
-        self.blocks: list[tuple[list[int], torch.Tensor, torch.Tensor]] = []  # (indices, before, after)
+        self.blocks: list[tuple[list[int], torch.Tensor, list[torch.Tensor]]] = []  # (indices, block, its rows)
         self.single: list[int] = []
         for (shape, dtype), index in by_kind.items():
             if len(index) > 1:
-                self.blocks.append((index, torch.empty((len(index), *shape), dtype=dtype),
-                                    torch.empty((len(index), *shape), dtype=dtype)))
+                block = torch.empty((len(index), *shape), dtype=dtype)
+                self.blocks.append((index, block, list(block.unbind(0))))
             else:
                 self.single += index
         self.copies = [torch.empty_like(params[i], memory_format=torch.contiguous_format) for i in self.single]
@@ -440,10 +440,9 @@ class _SnapshotPlan:
 
     def update_norms(self, params: list[torch.Tensor]) -> tuple[list[int], torch.Tensor]:
         parts = []
-        for index, before, after in self.blocks:
-            torch.stack([params[i] for i in index], out=after)
-            parts.append(torch.linalg.vector_norm(before.sub_(after).reshape(len(index), -1), dim=1,
-                                                  dtype=torch.float32))
+        for index, before, rows in self.blocks:
+            torch._foreach_sub_(rows, [params[i] for i in index])  # before - after, row by row in place
+            parts.append(torch.linalg.vector_norm(before.reshape(len(index), -1), dim=1, dtype=torch.float32))
         if self.single:
             singles = [params[i] for i in self.single]
             torch._foreach_sub_(self.copies, singles)
