@@ -174,12 +174,13 @@ class RunRecorder:
         """Per-parameter norms: ``kind`` "grad" (of step ``step``) or "weight" (after its update)."""
         if self.store is None:
             return
-        target = self._fingerprints.setdefault((step, kind), {})
-        for name, v in zip(names, values, strict=True):
-            target[name] = v
-            if name not in self._fp_index:
-                self._fp_index[name] = len(self.fp_names)
-                self.fp_names.append(name)
+        self._fingerprints.setdefault((step, kind), {}).update(zip(names, values, strict=True))
+        index = self._fp_index
+        if not index.keys() >= set(names):  # a parameter seen for the first time
+            for name in names:
+                if name not in index:
+                    index[name] = len(self.fp_names)
+                    self.fp_names.append(name)
         if health:
             self._param_field(step, "grad_norm" if kind == "grad" else "weight_norm", names, values)
 

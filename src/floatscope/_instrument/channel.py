@@ -96,6 +96,8 @@ class Reading:
         """The subjects that really hold NaN or Inf (overflowed norms of finite values excluded)."""
         found = []
         for entry, norms in self.groups:
+            if math.isfinite(sum(norms)):  # norms are >= 0 (float32 values: the sum cannot overflow a double)
+                continue
             for i, n in enumerate(norms):
                 if not math.isfinite(n):
                     found.append(entry.subject(i) if isinstance(entry, Group) else entry)
