@@ -14,9 +14,9 @@ and reduced row by row, so a sampling step costs a few dozen kernels whatever th
 layers; the whole stored record (nan, inf and headroom included) is made there, and how it is laid
 out (the groups, names and dtypes) is kept while the layers and their shapes repeat, so the host
 packs the transferred numbers as they come. NaN and Inf are never dropped: they propagate into a
-layer's absmax and RMS, and the layer is marked as holding them. Parameter statistics (the update of each weight and,
-in float16 training, the share of gradient elements that would flush to zero at candidate loss
-scales) use ``torch._foreach`` ops and one flat histogram.
+layer's absmax and RMS, and the layer is marked as holding them. Parameter statistics (the update
+of each weight and, in float16 training, the share of gradient elements that would flush to zero
+at candidate loss scales) use ``torch._foreach`` ops and one flat histogram.
 """
 
 from __future__ import annotations
