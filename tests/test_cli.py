@@ -124,6 +124,12 @@ def test_runs_and_show_reprint_the_diagnosis(tmp_path):
     assert "aten.pow.Tensor_Scalar" in shown.stdout and "train.py:10" in squeezed
     assert json.loads((tmp_path / "again.json").read_text())["incident"]["line"] == 10
     assert run.returncode == 3
+    # STORE:RUN, as health, report and diff take it, from another folder
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    store = tmp_path / ".floatscope" / "runs.sqlite"
+    by_path = floatscope("show", f"{store}:last", cwd=elsewhere)
+    assert by_path.returncode == 3 and run_id in by_path.stdout and "aten.pow.Tensor_Scalar" in by_path.stdout
 
 
 def test_a_diff_of_a_run_with_itself_says_so(tmp_path):

@@ -1021,3 +1021,26 @@ def test_the_std_of_a_single_sample_is_explained_as_bessels_correction(tmp_path)
     incident = assert_found(result, path, op="aten.std.correction", phase="forward", module=None,
                             marker="MARK:batch-std", step=2, category="invalid")
     assert "n - 1 = 0" in incident.explanation and "drop_last" in " ".join(incident.suggestions)
+
+
+SCALAR_DIVISOR = """
+import torch
+
+W = torch.randn(4, 1, requires_grad=True)
+opt = torch.optim.SGD([W], lr=0.1)
+for step in range(4):
+    x = torch.randn(16, 4)
+    norm = 0.0 if step == 2 else float(x.shape[0])
+    loss = (x @ W).pow(2).sum() / norm  # MARK:scalar-div
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+"""
+
+
+def test_a_division_by_the_number_zero_is_division_by_zero_not_overflow(tmp_path):
+    code, result, path = run(tmp_path, SCALAR_DIVISOR)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.div.Tensor", phase="forward", module=None,
+                            marker="MARK:scalar-div", step=2, category="division-by-zero")
+    assert "the number 0.0" in incident.explanation and "eps" in " ".join(incident.suggestions)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 from floatscope._cli.render import console, step_span, write_json
 from floatscope._cli.run import add_store_option
-from floatscope._cli.store_cmds import open_reader
+from floatscope._cli.store_cmds import store_and_run
 from floatscope._errors import UsageError
-from floatscope._store.sqlite import RunStore
 
 __all__ = ["add_parsers"]
 
@@ -47,17 +45,10 @@ def add_parsers(sub: Any) -> None:
     r.set_defaults(handler=report_main)
 
 
-def _store_and_run(spec: str, default_store: str) -> tuple[RunStore, str]:
-    head, sep, tail = spec.rpartition(":")
-    if sep and head and Path(head).is_file():
-        return open_reader(head), tail
-    return open_reader(default_store), spec
-
-
 def health_main(args: argparse.Namespace) -> int:
     from floatscope._diagnose.health import findings_for
 
-    store, run = _store_and_run(args.run, args.store)
+    store, run = store_and_run(args.run, args.store)
     try:
         record = store.get(run)
         findings = findings_for(store, record.id)
@@ -89,8 +80,8 @@ def diff_main(args: argparse.Namespace) -> int:
 
     if not args.tolerance >= 0:
         raise UsageError("--tolerance must be a non-negative number")
-    store_a, run_a = _store_and_run(args.run_a, args.store)
-    store_b, run_b = _store_and_run(args.run_b, args.store)
+    store_a, run_a = store_and_run(args.run_a, args.store)
+    store_b, run_b = store_and_run(args.run_b, args.store)
     try:
         result = diff_runs(store_a, run_a, store_b, run_b, exact=args.exact, tolerance=args.tolerance)
         if args.report:
@@ -147,7 +138,7 @@ def env_main(args: argparse.Namespace) -> int:
 def report_main(args: argparse.Namespace) -> int:
     from floatscope._report.run import write_run_report
 
-    store, run = _store_and_run(args.run, args.store)
+    store, run = store_and_run(args.run, args.store)
     try:
         record = store.get(run)
         path = write_run_report(store, record.id, args.output)

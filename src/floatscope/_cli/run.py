@@ -60,7 +60,7 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--health-every", type=int, default=None, metavar="N",
                    help="sample per-layer health every N steps (0 = off; default 50)")
     p.add_argument("--incident-exit-code", type=int, default=EXIT_INCIDENT, metavar="N",
-                   help=f"exit status for a NaN/Inf incident (default {EXIT_INCIDENT}; 1-255, not 2, 130 or 143)")
+                   help=f"exit status for a NaN/Inf incident (default {EXIT_INCIDENT}; 3-255, not 130 or 143)")
     p.add_argument("--sync", choices=("auto", "step", "lazy"), default="auto",
                    help="when to read the device: auto (at each step on the CPU, one step late on a GPU, which "
                         "never waits), step (at each step: exact replays on a GPU too), lazy (always one step late)")

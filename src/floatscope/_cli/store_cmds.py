@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
 from floatscope._cli.render import check_json_path, console, plural, print_incident, write_json
@@ -22,7 +23,7 @@ def add_parsers(sub: Any) -> None:
     add_store_option(p, reads=True)
     p.set_defaults(handler=runs_main)
     s = sub.add_parser("show", help="reprint a run's diagnosis")
-    s.add_argument("run", help="run id, id prefix, or 'last'")
+    s.add_argument("run", help="run id, id prefix, or 'last'; STORE:RUN reads another store")
     s.add_argument("--json", metavar="PATH", help="write the run's result JSON to PATH")
     add_store_option(s, reads=True)
     s.set_defaults(handler=show_main)
@@ -34,6 +35,14 @@ def open_reader(path: str) -> RunStore:
         return RunStore(path, readonly=True)
     except StoreMissing as exc:
         raise StoreMissing(f"{exc}") from None
+
+
+def store_and_run(spec: str, default_store: str) -> tuple[RunStore, str]:
+    """A run given as ``STORE:RUN`` (an existing store file, then the run) or as a run of ``default_store``."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head and Path(head).is_file():
+        return open_reader(head), tail
+    return open_reader(default_store), spec
 
 
 def runs_main(args: argparse.Namespace) -> int:
@@ -79,9 +88,9 @@ def runs_main(args: argparse.Namespace) -> int:
 def show_main(args: argparse.Namespace) -> int:
     if args.json:
         check_json_path(args.json)
-    store = open_reader(args.store)
+    store, run = store_and_run(args.run, args.store)
     try:
-        record = store.get(args.run)
+        record = store.get(run)
         steps = store.steps(record.id)
     finally:
         store.close()

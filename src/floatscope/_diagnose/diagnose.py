@@ -50,6 +50,8 @@ def categorize(event: OriginEvent) -> Category:
             return "underflow" if _came_from_underflow(event, 1) and event.phase != "backward" else "division-by-zero"
         if base in {"reciprocal", "rsqrt"} and operands and _zeros(operands[0]):
             return "division-by-zero"
+        if len(operands) == 1 and 0.0 in event.scalars:  # x / 0.0: a zero numerator cannot make Inf
+            return "division-by-zero"
         return "overflow"
     if _is(base, kinds.LOG):
         if operands and _zeros(operands[0]) and _came_from_underflow(event, 0):
@@ -210,7 +212,9 @@ def _explain(event: OriginEvent, category: Category, fwd_base: str) -> tuple[str
     if category in {"division-by-zero", "underflow"} and _is(fwd_base, kinds.DIVISION):
         denom = ops[1] if len(ops) > 1 else (ops[0] if ops else None)
         zeros = denom.zeros if denom else 0
-        if category == "underflow":
+        if len(ops) == 1 and 0.0 in event.scalars and fwd_base not in {"reciprocal", "rsqrt"}:
+            text = "division by zero: the denominator is the number 0.0."
+        elif category == "underflow":
             text = (f"division by a denominator that underflowed to 0: {zeros} element(s) are exactly 0 after "
                     f"{_base(event.producers[1] or '?')} in {dtype}.")
         else:
