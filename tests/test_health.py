@@ -505,6 +505,7 @@ def test_sampled_layers_keep_their_own_forward_and_lose_the_wrapper_when_forward
     patched = model[0].forward  # a library that sets forward on the instance (as accelerate's hooks do)
     model[0].forward = lambda x: patched(x) * 2.0
     own = model[0].forward
+    linear_forward, relu_forward = vars(torch.nn.Linear)["forward"], vars(torch.nn.ReLU)["forward"]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     class Fails(Exception):
@@ -519,11 +520,77 @@ def test_sampled_layers_keep_their_own_forward_and_lose_the_wrapper_when_forward
             model(torch.randn(3, 4))
     assert vars(model[0])["forward"] is own
     assert "forward" not in vars(model[1]) and "forward" not in vars(model[2])
+    assert vars(torch.nn.Linear)["forward"] is linear_forward and vars(torch.nn.ReLU)["forward"] is relu_forward
     acts = fr.activations("last", store=str(tmp_path / "s.sqlite"))
     first = {a.layer: a for a in acts if a.step == 0}
     assert set(first) == {"0", "1", "2"}
     x = torch.randn(3, 4)
     assert torch.equal(model[0](x), patched(x) * 2.0)
+
+
+class _Scaled(torch.nn.Linear):
+    """A subclass whose forward calls the parent's: one sample per call, under its own name."""
+
+    def forward(self, x):
+        return super().forward(x) * 3.0
+
+
+class _Student(torch.nn.Module):
+    """Calls a teacher (another model, of the same layer classes, not watched) inside its forward."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.fc, self.scaled, self.act = torch.nn.Linear(4, 4), _Scaled(4, 4), torch.nn.Tanh()
+        self.teacher = [teacher]  # not a submodule
+
+    def forward(self, x):
+        with torch.no_grad():
+            hint = self.teacher[0](x)
+        return self.act(self.scaled(self.fc(x))) + hint
+
+
+def test_layer_classes_are_wrapped_for_the_pass_and_only_the_sampled_instances_are_recorded(tmp_path):
+    """A sampling pass wraps each layer class's forward once (not every instance): another model's
+    layers of the same classes run through the wrapper unrecorded, a subclass calling its parent's
+    forward is one sample, a Sequential is measured under its last child, and every class forward is
+    back as it was after the pass."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4))
+    model = torch.nn.Sequential(_Student(teacher), torch.nn.Sequential(torch.nn.Linear(4, 2), torch.nn.Tanh()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    classes = (torch.nn.Linear, torch.nn.Tanh, torch.nn.Sequential, _Scaled, _Student)
+    forwards = {c: vars(c)["forward"] for c in classes}
+    seen_during = {}
+
+    def spy(module, args, output):
+        seen_during["linear"] = vars(torch.nn.Linear)["forward"]
+        seen_during["signature"] = str(__import__("inspect").signature(model[0].fc.forward))
+
+    model[1][1].register_forward_hook(spy)
+    x = torch.randn(16, 4)
+    with torch.no_grad():
+        fc = model[0].fc(x)
+        scaled = model[0].scaled(fc)
+        student = torch.tanh(scaled) + teacher(x)
+        expected = {"0.fc": fc, "0.scaled": scaled, "0": student, "1.1": model(x)}
+    seen_during.clear()
+    with floatscope.watch(model, opt, store=str(tmp_path / "s.sqlite"), health_every=1) as w:
+        out = model(x)
+        out.pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    assert w.result.status == "clean"
+    assert {c: vars(c)["forward"] for c in classes} == forwards
+    assert seen_during["linear"] is not forwards[torch.nn.Linear]  # wrapped for the pass
+    assert seen_during["signature"] == "(input: torch.Tensor) -> torch.Tensor"
+    records = fr.activations(w.run_id, store=str(tmp_path / "s.sqlite"))
+    # once each (not _Scaled's parent call), no teacher layer, and the Sequential "1" under "1.1"
+    assert [a.layer for a in records] == ["0.fc", "0.scaled", "0.act", "0", "1.0", "1.1"]
+    acts = {a.layer: a for a in records}
+    for name, t in expected.items():
+        assert acts[name].absmax == pytest.approx(t.abs().max().item(), rel=1e-6), name
+        assert acts[name].rms == pytest.approx(t.pow(2).mean().sqrt().item(), rel=1e-5), name
+    assert acts["0.act"].saturation is not None
 
 
 @pytest.mark.parametrize("case", ["scripted-layer", "data-parallel"])

@@ -216,6 +216,7 @@ class Watch(CaptureListener):
         self._seen_optimizers: dict[int, torch.optim.Optimizer] = {}
         self._step_frame: dict[int, UserFrame] = {}
         self._health_params: tuple[int, list[str], list[torch.Tensor]] | None = None
+        self._matrices_of: tuple[list[tuple[str, torch.Tensor]], tuple[list[str], list[torch.Tensor]]] | None = None
         self._sampling_window = -1
         self._term = TermHandler()
         try:
@@ -376,11 +377,7 @@ class Watch(CaptureListener):
                     for e in window.events))
                 flush = self._health.before_step(grad_params, scale, fp16) if fp16 else None
                 # Update norms (the update/weight ratio) for weight matrices, the layers that finding reads.
-                names, matrices = [], []
-                for n, p in zip(grad_names, grad_params, strict=True):
-                    if p.dim() >= 2:
-                        names.append(n)
-                        matrices.append(p)
+                names, matrices = self._matrices(named, grad_names, grad_params)
                 self._health.snapshot(matrices)
                 self._health_params = (step, names, matrices)
                 if flush is not None:
@@ -571,6 +568,19 @@ class Watch(CaptureListener):
         health-sampling steps, which keeps the fixed cost per step to one norm per gradient.
         """
         return 0 <= step < _EARLY_WEIGHTS or self._health.is_sampling(step)
+
+    def _matrices(self, named: list[tuple[str, torch.Tensor]], names: list[str],
+                  params: list[torch.Tensor]) -> tuple[list[str], list[torch.Tensor]]:
+        """The weight matrices (2 or more dimensions) among ``params`` and their names; kept for an
+        optimizer's parameter list while all of them have gradients (the common case)."""
+        every = len(params) == len(named)
+        if every and self._matrices_of is not None and self._matrices_of[0] is named:
+            return self._matrices_of[1]
+        chosen = ([n for n, p in zip(names, params, strict=True) if p.dim() >= 2],
+                  [p for p in params if p.dim() >= 2])
+        if every:
+            self._matrices_of = (named, chosen)
+        return chosen
 
     def _named_params(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
         """(name, parameter) of an optimizer's float parameters, cached while its param groups keep their sizes."""

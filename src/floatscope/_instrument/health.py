@@ -1,13 +1,18 @@
 """Health sampling: per-layer numerics every N steps, computed on the device, read with the step's transfer.
 
 On a sampling step each named layer of the root module keeps a reference to its output (and to
-the input of Sigmoid/Tanh layers) for that one forward pass: its ``forward`` is wrapped through an
-instance attribute, which keeps PyTorch's fast module call (a forward hook sends every module call
-of the pass down the slow path, about 5 us each), and the attribute is removed when the pass ends,
-on every exit path. A root that copies its children's attributes (``DataParallel`` replicas) or a
-scripted layer is sampled with one global forward hook instead, and a compiled model is not
-sampled (Dynamo would trace the wrappers). Outputs are told apart by tensor and version: an
-in-place ReLU's output is its own sample, and an output that the pass writes in place after its
+the input of Sigmoid/Tanh layers) for that one forward pass. The ``forward`` of each layer class is
+wrapped for the pass, once per class whatever the number of its layers: the wrapper runs the class's
+own function and records the output of the instances being sampled (another model's layers of the
+same class pass through). This keeps PyTorch's fast module call (a forward hook sends every module
+call of the pass down the slow path, about 5 us each), and each class attribute is put back when the
+pass ends, on every exit path. A layer whose instance has a ``forward`` of its own (accelerate's
+hooks set one) has that wrapped through an instance attribute instead; a ``Sequential`` is not
+wrapped, its output being its last child's. A root that copies its children's attributes
+(``DataParallel`` replicas) or a scripted layer is sampled with one global forward hook instead,
+and a compiled model is not sampled (Dynamo would trace the wrappers). Outputs are told apart by
+tensor and version: an in-place ReLU's output is its own sample, a container returning a child's
+tensor is measured once, under the child, and an output that the pass writes in place after its
 layer returned (``out += identity``) is left out once, then copied on return. When the pass ends, the
 statistics of all layers are computed together: outputs of the same dtype and size are stacked
 and reduced row by row, so a sampling step costs a few dozen kernels whatever the number of
@@ -21,7 +26,9 @@ at candidate loss scales) use ``torch._foreach`` ops and one flat histogram.
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 from typing import Any
 
 import torch
@@ -103,25 +110,88 @@ def _unit_dim(ndim: int, previous: str) -> int:
 
 
 class _Layer:
-    """A named layer of a sampled root: its wrapped forward, kept from one sampling step to the next."""
+    """A named layer of a sampled root, kept from one sampling step to the next: the class whose
+    ``forward`` it runs (``owner``), and the wrapper used when its forward is its instance's own."""
 
-    __slots__ = ("name", "module", "type", "kind", "target", "forward", "wrapper", "copy")
+    __slots__ = ("name", "module", "type", "kind", "owner", "fast", "target", "forward", "wrapper", "copy")
 
-    def __init__(self, name: str, module: torch.nn.Module, collect: Any) -> None:
+    def __init__(self, name: str, module: torch.nn.Module, sampler: HealthSampler) -> None:
         self.name, self.module, self.type = name, module, type(module).__name__
         self.kind = (_SATURATES if isinstance(module, _SATURATING) else
                      _RECTIFIES if isinstance(module, _RECTIFIERS) else _PLAIN)
+        self.owner = _forward_owner(type(module))
         self.copy = False  # the output is written in place later in the pass: keep a copy of it
-        self.target: Any = None  # the class or instance forward that ``forward`` is bound from
+        self.fast = self.kind != _SATURATES  # a tensor output is recorded as it is (no input, no copy)
+        self.target: Any = None  # the instance forward that ``forward`` is bound from
         self.forward: Any = None
         layer = self
 
         def sampled_forward(*args: Any, **kwargs: Any) -> Any:
             output = layer.forward(*args, **kwargs)
-            collect(layer, args, output)
+            sampler._collect(layer, args, output)
             return output
 
         self.wrapper = sampled_forward
+
+
+def _forward_owner(cls: type) -> type | None:
+    """The class whose ``forward`` instances of ``cls`` run (None: only Module's placeholder)."""
+    for klass in cls.__mro__:
+        if "forward" in klass.__dict__:
+            return None if klass is torch.nn.Module else klass
+    return None
+
+
+class _ClassWrapper:
+    """The ``forward`` of one layer class for a sampling pass: the class's own function, then the
+    output of each sampled instance recorded (other instances pass through). One attribute per class
+    is set and removed, whatever the number of its layers, and a layer's call pays a dict lookup."""
+
+    __slots__ = ("owner", "original", "layers", "function")
+
+    def __init__(self, owner: type, sampler: HealthSampler) -> None:
+        self.owner, self.original = owner, owner.__dict__["forward"]
+        self.layers: dict[int, _Layer] = {}
+        original, layers, collected, tensor = self.original, self.layers, sampler._collected, torch.Tensor
+
+        @functools.wraps(original)  # name, docstring and __wrapped__: inspect.signature sees the class's own
+        def forward(module: Any, *args: Any, **kwargs: Any) -> Any:
+            output = original(module, *args, **kwargs)
+            layer = layers.get(id(module))
+            if layer is not None:
+                if layer.fast and type(output) is tensor:
+                    version = output._version
+                    if not collected or collected[-1][1] is not output or collected[-1][3] != version:
+                        collected.append((layer, output, None, version))
+                    # else a container returning its last child's output, as recorded: measured under the child
+                else:
+                    sampler._collect(layer, args, output)
+            return output
+
+        self.function = forward
+
+
+class _Plan:
+    """The layers of one set of roots: by the class whose ``forward`` they run, those with none but
+    Module's placeholder, and whether they need the global hook (a ``DataParallel`` root, whose
+    replicas copy their modules' attributes, or a scripted layer)."""
+
+    __slots__ = ("roots", "layers", "attrs", "by_owner", "unowned", "hooked")
+
+    def __init__(self, roots: tuple[torch.nn.Module, ...], layers: list[_Layer]) -> None:
+        self.roots, self.layers = roots, layers
+        self.attrs = [layer.module.__dict__ for layer in layers]  # where an instance forward would be
+        self.by_owner: dict[type, dict[int, _Layer]] = {}
+        self.unowned: list[_Layer] = []
+        for layer in layers:
+            if layer.owner is torch.nn.Sequential and len(layer.module):
+                continue  # its output is its last child's, measured under the child
+            if layer.owner is None:
+                self.unowned.append(layer)
+            else:
+                self.by_owner.setdefault(layer.owner, {})[id(layer.module)] = layer
+        self.hooked = any(isinstance(r, torch.nn.DataParallel) for r in roots) or any(
+            isinstance(layer.module, torch.jit.ScriptModule) for layer in layers)
 
 
 class Layout:
@@ -168,6 +238,16 @@ class Layout:
         return values
 
 
+def _same_outputs(collected: list[Any], key: list[tuple[_Layer, torch.Size, torch.dtype, torch.device]]) -> bool:
+    """Whether the collected outputs are those ``key`` describes, layer by layer, each as its layer
+    returned it (the common case: every sample of a training run)."""
+    for (layer, out, _, version), (expected, shape, dtype, device) in zip(collected, key, strict=True):
+        if (layer is not expected or (version >= 0 and out._version != version) or out.shape != shape
+                or out.dtype != dtype or out.device != device):
+            return False
+    return True
+
+
 class HealthSampler:
     """Collects per-layer statistics on sampling steps; see the module docstring."""
 
@@ -175,13 +255,15 @@ class HealthSampler:
         self.every = every
         self.types: dict[str, str] = {}
         self._handle: Any = None
-        # per set of roots: (the roots, their named layers, whether they need the global hook)
-        self._plans: dict[tuple[int, ...], tuple[tuple[torch.nn.Module, ...], list[_Layer], bool]] = {}
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self._by_module: dict[int, _Layer] = {}  # for the global hook
+        self._classes: dict[type, _ClassWrapper] = {}  # kept between samples
+        self._installed: list[_ClassWrapper] = []  # the class forwards set for this pass
         self._wrapped: list[tuple[_Layer, Any]] = []  # (layer, the instance forward its wrapper replaced)
-        # (layer, its output, the input of a saturating layer, the output's version; -1: a copy)
+        # (layer, its output, the input of a saturating layer, the output's version; -1: a copy). One list
+        # for the sampler's life: the class wrappers append to it.
         self._collected: list[tuple[_Layer, torch.Tensor, torch.Tensor | None, int]] = []
-        self._seen: set[tuple[int, int]] = set()
+        self._seen: set[tuple[int, int]] = set()  # outputs already recorded as a copy
         self._snapshot: list[torch.Tensor] | _SnapshotPlan | None = None
         self._copies: tuple[Any, _SnapshotPlan] | None = None  # kept snapshot buffers (CPU)
         self._scratch = Scratch()
@@ -191,9 +273,9 @@ class HealthSampler:
         return self.every > 0 and step % self.every == 0
 
     # ------------------------------------------------------------------ activations
-    def _layers_of(self, roots: list[torch.nn.Module]) -> tuple[list[_Layer], bool]:
+    def _plan_of(self, roots: list[torch.nn.Module]) -> _Plan:
         """The named layers of ``roots`` (the first root wins for a shared layer), built once per
-        roots, and whether they need the global hook (a ``DataParallel`` root or a scripted layer).
+        roots; see :class:`_Plan`.
 
         A plan holds its roots, so their ids are not reused while it is kept; the last few are kept
         (a script that builds a new model now and then does not grow the cache).
@@ -201,35 +283,54 @@ class HealthSampler:
         key = tuple(id(r) for r in roots)
         plan = self._plans.get(key)
         if plan is not None:
-            return plan[1], plan[2]
+            return plan
         layers, seen = [], set()
         for root in roots:
             for name, module in root.named_modules():
                 self.types.setdefault(name, type(module).__name__)
                 if name and id(module) not in seen:
                     seen.add(id(module))
-                    layers.append(_Layer(name, module, self._collect))
-        hooked = any(isinstance(r, torch.nn.DataParallel) for r in roots) or any(
-            isinstance(layer.module, torch.jit.ScriptModule) for layer in layers)
+                    layers.append(_Layer(name, module, self))
         while len(self._plans) >= _PLANS_KEPT:
             del self._plans[next(iter(self._plans))]
-        self._plans[key] = (tuple(roots), layers, hooked)
-        return layers, hooked
+        plan = self._plans[key] = _Plan(tuple(roots), layers)
+        return plan
 
     def attach(self, roots: list[torch.nn.Module]) -> None:
-        """Keep every named layer's output of the coming forward pass of ``roots``."""
+        """Keep every named layer's output of the coming forward pass of ``roots``.
+
+        Each layer class's ``forward`` is wrapped for the pass (see :class:`_ClassWrapper`); a layer
+        whose instance has a ``forward`` of its own (as accelerate's hooks set) has it wrapped instead.
+        """
         self.detach()
-        self._collected, self._seen = [], set()
+        self._collected.clear()
+        self._seen = set()
         if any(type(r).__name__ == "OptimizedModule" or getattr(r, "_compiled_call_impl", None) is not None
                for r in roots):
             return  # a compiled model: wrappers or hooks would be traced and break its graphs
-        layers, hooked = self._layers_of(roots)
-        if hooked:
-            self._by_module = {id(layer.module): layer for layer in layers}
+        plan = self._plan_of(roots)
+        if plan.hooked:
+            self._by_module = {id(layer.module): layer for layer in plan.layers}
             self._handle = register_module_forward_hook(self._hook)
             return
+        own = [layer for layer, attrs in zip(plan.layers, plan.attrs, strict=True) if "forward" in attrs]
+        skip = {id(layer.module) for layer in own}
+        for owner, table in plan.by_owner.items():
+            wrapper = self._classes.get(owner)
+            current = owner.__dict__.get("forward")
+            if wrapper is None or current is not wrapper.original:
+                if not isinstance(current, types.FunctionType):  # not a plain function: wrap the instances
+                    own += [layer for layer in table.values() if id(layer.module) not in skip]
+                    continue
+                wrapper = self._classes[owner] = _ClassWrapper(owner, self)
+            wrapper.layers.update(table)
+            for i in skip.intersection(table):
+                del wrapper.layers[i]
+            type.__setattr__(owner, "forward", wrapper.function)
+            self._installed.append(wrapper)
+        own += plan.unowned
         missing, wrapped = _MISSING, self._wrapped
-        for layer in layers:
+        for layer in own:
             module = layer.module
             attrs = module.__dict__
             previous = attrs.get("forward", missing)
@@ -246,33 +347,38 @@ class HealthSampler:
             self._collect(layer, args, output)
 
     def _collect(self, layer: _Layer, args: Any, output: Any) -> None:
-        # Called for every layer of the sampled forward pass, so it does little: the common case (a
-        # tensor output) first; outputs that are not floating point or empty are dropped at the end.
-        out = output if type(output) is torch.Tensor else (
-            output if isinstance(output, torch.Tensor) else
-            next((t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None))
+        """Record one layer's output: the general case (the class wrappers record a plain tensor output
+        themselves). Outputs that are not floating point or empty are dropped at the end, and so is a
+        container's output that is its last child's tensor (measured once, under the child)."""
+        out = output if isinstance(output, torch.Tensor) else next(
+            (t for t in pytree.tree_leaves(output) if isinstance(t, torch.Tensor)), None)
         if out is None:
             return
-        key = (id(out), out._version)
-        seen = self._seen
-        if key in seen:
-            return  # a container returning its last child's tensor: measured once, under the child
-        seen.add(key)
         inp = None
         if layer.kind == _SATURATES:
             inp = next((t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.is_floating_point()),
                        None)
         if layer.copy:  # the pass writes this output in place later (an in-place ReLU, `out += identity`)
+            key = (id(out), out._version)
+            if key in self._seen:
+                return
+            self._seen.add(key)
             with torch.no_grad():
                 self._collected.append((layer, out.detach().clone(), inp, -1))
         else:
             self._collected.append((layer, out, inp, out._version))
 
     def detach(self) -> None:
-        """Stop collecting: remove the hook or put every wrapped layer's ``forward`` back."""
+        """Stop collecting: remove the hook, put back every class ``forward`` and every wrapped
+        layer's own."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        installed, self._installed = self._installed, []
+        for wrapper in reversed(installed):
+            wrapper.layers.clear()
+            if wrapper.owner.__dict__.get("forward") is wrapper.function:  # one the script set meanwhile stays
+                type.__setattr__(wrapper.owner, "forward", wrapper.original)
         wrapped, self._wrapped = self._wrapped, []
         for layer, previous in reversed(wrapped):
             attrs = layer.module.__dict__
@@ -286,33 +392,53 @@ class HealthSampler:
         """Detach and forget the layers (the watch has ended)."""
         self.detach()
         self._plans.clear()
+        self._classes.clear()
         self._by_module = {}
         self._layout = None
 
     @property
     def attached(self) -> bool:
-        return self._handle is not None or bool(self._wrapped)
+        return self._handle is not None or bool(self._wrapped) or bool(self._installed)
+
+    @staticmethod
+    def _keep(collected: list[Any], seen: set[tuple[int, int]]) -> list[Any]:
+        """The collected outputs to measure: floating point, not empty, as their layers returned them,
+        each tensor once."""
+        kept = []
+        for c in collected:
+            layer, out, _, version = c
+            if version >= 0:
+                if out._version != version:
+                    # Written in place after the layer returned: what is here is not its output. The
+                    # layer's output is copied when it returns from the next sample on.
+                    layer.copy, layer.fast = True, False
+                    continue
+                ident = (id(out), version)
+                if ident in seen:
+                    continue  # a container returning a child's tensor: measured once, under the child
+                seen.add(ident)
+            if out.dtype.is_floating_point and out.numel():
+                kept.append(c)
+        return kept
 
     def take_activations(self) -> tuple[Layout | None, torch.Tensor | None]:
         """Statistics of the collected outputs: their :class:`Layout` and one (9, layers) float32
         tensor, a row per numeric field of ACTIVATION_RECORD (NaN: not measured)."""
         self.detach()
-        collected, self._collected, self._seen = self._collected, [], set()
-        kept, key = [], []
-        for c in collected:
-            layer, out, _, version = c
-            if version >= 0 and out._version != version:
-                # Written in place after the layer returned: what is here is not its output. The
-                # layer's output is copied when it returns from the next sample on.
-                layer.copy = True
-            elif out.dtype.is_floating_point and out.numel():
-                kept.append(c)
-                key.append((layer, out.shape, out.dtype, out.device))
+        collected = self._collected[:]
+        self._collected.clear()
+        seen, self._seen = self._seen, set()
+        layout = self._layout
+        if layout is not None and len(collected) == len(layout.key) and _same_outputs(collected, layout.key):
+            kept = collected  # the layers and their outputs' shapes repeat: the layout holds
+        else:
+            kept = self._keep(collected, seen)
         if not kept:
             return None, None
-        layout = self._layout
-        if layout is None or layout.key != key:  # the layers or their outputs' shapes changed
-            layout = self._layout = Layout(key)
+        if layout is None or kept is not collected:
+            key = [(layer, out.shape, out.dtype, out.device) for layer, out, _, _ in kept]
+            if layout is None or layout.key != key:  # the layers or their outputs' shapes changed
+                layout = self._layout = Layout(key)
         device = layout.device
         with torch.no_grad():
             table = torch.full((len(DEVICE_FIELDS), len(kept)), math.nan, device=device)
