@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ def torch_global_state() -> dict[str, Any]:
         "autocast_cpu": torch.is_autocast_enabled("cpu"),
         "module_forwards": {c: c.__dict__.get("forward") for c in vars(torch.nn).values()
                             if isinstance(c, type) and issubclass(c, torch.nn.Module)},
+        # a handler left behind (or SIGINT left ignored) changes every process the suite starts later
+        "signals": {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)},
     }
 
 
