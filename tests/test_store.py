@@ -56,8 +56,9 @@ def cli(*args: str, cwd: Path, timeout: float = 60, env: dict[str, str] | None =
 
 
 def start(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    # faulthandler: a run that hangs is stopped with SIGABRT by finish(), which then shows where it was
     return subprocess.Popen([*CLI, "run", *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
 
 def wait_for_step(proc: subprocess.Popen[str], step: int, timeout: float = 60) -> None:
@@ -78,8 +79,13 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, 
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
+        proc.send_signal(signal.SIGABRT)  # faulthandler writes every thread's Python stack to stderr
+        try:
+            _, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        raise AssertionError(f"the run did not end within {timeout} s; its stacks:\n{err[-6000:]}") from None
     return proc.returncode, out, err
 
 
