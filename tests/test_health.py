@@ -701,3 +701,134 @@ def test_a_compiled_model_keeps_one_graph_and_records_parameter_samples(tmp_path
         assert all("forward" not in vars(m) for m in model.modules())
     finally:
         torch._dynamo.reset()
+
+
+class _Twice(torch.nn.Module):
+    """Calls one Linear twice in a forward: two samples of one layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(6, 6)
+        self.act = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.act(self.fc(x)))
+
+
+def _train_twice(store: str, seed: int = 0) -> str:
+    torch.manual_seed(seed)
+    model = _Twice()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with floatscope.watch(model, opt, store=store, health_every=1) as w:
+        for _ in range(3):
+            model(torch.randn(8, 6)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert w.run_id is not None
+    return w.run_id
+
+
+def test_a_layer_called_twice_has_a_sample_per_call_and_identical_runs_diff_as_identical(tmp_path):
+    store = str(tmp_path / "s.sqlite")
+    torch.manual_seed(0)
+    model = _Twice()
+    x = torch.randn(8, 6)  # the first batch of _train_twice's run
+    with torch.no_grad():
+        first = model.fc(x)
+        second = model.fc(torch.relu(first))
+    run_a = _train_twice(store)
+    run_b = _train_twice(store)
+    acts = {(a.step, a.layer): a for a in fr.activations(run_a, store=store)}
+    assert sorted(layer for step, layer in acts if step == 0) == ["act", "fc", "fc#2"]
+    assert acts[0, "fc"].absmax == pytest.approx(first.abs().max().item(), rel=1e-6)
+    assert acts[0, "fc#2"].absmax == pytest.approx(second.abs().max().item(), rel=1e-6)
+    assert acts[0, "fc#2"].rms == pytest.approx(second.pow(2).mean().sqrt().item(), rel=1e-5)
+    result = fr.diff(run_a, run_b, store=store, exact=True)
+    assert result.first_divergent_step is None and result.first_divergent_tensor is None
+
+
+def test_inference_calls_before_training_are_not_the_training_steps_samples(tmp_path):
+    """Evaluation calls under no_grad before the first optimizer step (a sanity check) are folded into
+    step 0 by the step count: the samples of steps 0, 2, 4 are the training calls', once each, and a
+    no_grad call made before the training call of a later step is not sampled either."""
+    store = str(tmp_path / "s.sqlite")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    trained: list[float] = []
+    model[0].register_forward_hook(
+        lambda m, a, out: trained.append(out.detach().double().abs().max().item()) if torch.is_grad_enabled() else None)
+    with floatscope.watch(model, opt, store=store, health_every=2) as w:
+        with torch.no_grad():
+            for _ in range(5):
+                model(torch.randn(32, 8) * 100)  # evaluation before training: absmax in the hundreds
+        for _ in range(6):
+            with torch.no_grad():
+                model(torch.randn(32, 8) * 100)  # a validation call before the training call
+            model(torch.randn(32, 8)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert w.result.steps == 6
+    samples = [(a.step, a.absmax) for a in fr.activations(w.run_id, store=store) if a.layer == "0"]
+    assert [step for step, _ in samples] == [0, 2, 4]
+    for step, absmax in samples:
+        assert absmax == pytest.approx(trained[step], rel=1e-6)
+
+
+def test_inference_only_runs_sample_their_calls_and_a_manual_loop_after_evaluation_has_no_duplicate(tmp_path):
+    store = str(tmp_path / "s.sqlite")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    with floatscope.watch(model, store=store, health_every=2) as w:
+        with torch.no_grad():
+            for _ in range(5):
+                model(torch.randn(16, 4))
+    assert sorted({a.step for a in fr.activations(w.run_id, store=store)}) == [0, 2, 4]
+    with floatscope.watch(None, store=store, health_every=2) as w:
+        with torch.no_grad():
+            for _ in range(3):
+                model(torch.randn(16, 4) * 100)
+        for _ in range(4):
+            model(torch.randn(16, 4)).pow(2).mean().backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+                    p.grad = None
+    steps = [a.step for a in fr.activations(w.run_id, store=store) if a.layer == "0"]
+    assert steps == sorted(set(steps)), steps  # one sample per step
+    assert all(s % 2 == 0 for s in steps) and len(steps) >= 2
+
+
+class _Shift(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 0.0
+
+
+class _GroupBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv1d(3, 6, 3, padding=1)
+        self.gn = torch.nn.GroupNorm(3, 6)
+        self.mix = _Shift()  # a custom layer of unknown layout between the norm and the ReLU
+        self.relu = torch.nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.mix(self.gn(self.conv(x))))
+
+
+def test_dead_units_after_a_group_norm_and_a_custom_layer_are_channels(tmp_path):
+    store = str(tmp_path / "s.sqlite")
+    torch.manual_seed(0)
+    model = _GroupBlock()
+    with torch.no_grad():
+        model.gn.bias[:4] = -100.0  # channels 0-3 of 6 are dead after the ReLU
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    out: list[torch.Tensor] = []
+    model.relu.register_forward_hook(lambda m, a, o: out.append(o.detach().double()))
+    with floatscope.watch(model, opt, store=store, health_every=1) as w:
+        model(torch.randn(8, 3, 10)).mean().backward()
+        opt.step()
+    dead = (out[0] == 0).all(dim=2).all(dim=0).double().mean().item()
+    assert dead == pytest.approx(4 / 6)
+    [relu] = [a for a in fr.activations(w.run_id, store=store) if a.layer == "relu"]
+    assert relu.dead_frac == pytest.approx(dead)

@@ -214,6 +214,35 @@ def test_a_manual_update_that_makes_the_nan_is_the_optimizer_phase(tmp_path):
     assert incident.param == "W"
 
 
+def test_a_second_manual_update_whose_gradient_is_zeroed_later_is_not_claimed_exact(tmp_path):
+    """The update of b runs in a window of its own (W's update came before it); the script zeroes
+    b.grad after it, so a replay can no longer see the gradient the update read. The incident names
+    the update's line and step and says what it could not replay; it never invents an origin."""
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        X, Y = torch.randn(20, 3), torch.randn(20, 1)
+        W = torch.zeros(3, 1, requires_grad=True)
+        b = torch.zeros(1, requires_grad=True)
+        for epoch in range(5):
+            loss = ((X @ W + b - Y) ** 2).mean()
+            loss.backward()
+            with torch.no_grad():
+                lr = 1e39 if epoch == 2 else 0.1
+                W -= 0.1 * W.grad
+                b -= lr * b.grad  # MARK:b-update
+                W.grad.zero_()
+                b.grad.zero_()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = result.incident
+    file, line = line_of("MARK:b-update", path)
+    assert (incident.file, incident.line, incident.step, incident.kind) == (file, line, 2, "inf"), incident.diagnosis()
+    assert not incident.exact
+    assert f"not replayed: the mul at {file}:{line} (an input was changed in place after it ran)" in \
+        incident.explanation
+
+
 def test_an_autograd_grad_loop_without_optimizer(tmp_path):
     code, result, path = run(tmp_path, """
         import torch

@@ -167,6 +167,11 @@ class RunRecorder:
                                                                 [layout.dtypes, layout.types]))
             self.store.add_packed_health(self.run_id, step, "activation", self._activation_layout[1], values)
 
+    def retract_activations(self, steps: list[int]) -> None:
+        """Delete the activation samples stored for ``steps`` (iterations that turned out not to be steps)."""
+        if self.store is not None:
+            self.store.delete_health(self.run_id, "activation", steps)
+
     def _param_field(self, step: int, field: str, names: list[str], values: list[Any]) -> None:
         self._params.setdefault(step, {}).setdefault(field, {}).update(zip(names, values, strict=True))
 

@@ -218,6 +218,9 @@ class Watch(CaptureListener):
         self._health_params: tuple[int, list[str], list[torch.Tensor]] | None = None
         self._matrices_of: tuple[list[tuple[str, torch.Tensor]], tuple[list[str], list[torch.Tensor]]] | None = None
         self._sampling_window = -1
+        self._provisional = False  # the sampled call is an inference call made before the run trained
+        self._provisional_steps: list[int] = []  # the steps of such samples already stored
+        self._superseded: set[int] = set()  # windows whose such sample a training call's replaced
         self._term = TermHandler()
         try:
             self._capture.install()
@@ -318,17 +321,46 @@ class Watch(CaptureListener):
         if payload is not None:
             channel.record(payload)
         window = capture.window
-        if (self._health.every and self._sampling_window != window.index and not p.index
-                and self._health.is_sampling(window.iteration)):
-            self._sampling_window = window.index
-            self._health.attach([p.module])
+        if self._health.every:
+            # A training call after an inference call in the same window, before the run trained, replaces
+            # that call's sample: the first optimizer step gives this window's iteration to the training call.
+            again = (self._sampling_window == window.index and self._provisional and p.grad_enabled
+                     and not self._trained())
+            if (again or self._sampling_window != window.index) and self._samples(p, window):
+                if again:
+                    self._superseded.add(window.index)
+                self._sampling_window = window.index
+                self._provisional = not p.grad_enabled and not self._trained()
+                self._health.attach([p.module])
+
+    def _trained(self) -> bool:
+        clock = self._capture.clock
+        return clock.optimizer_mode or clock.saw_backward
+
+    def _samples(self, p: Pass, window: Window) -> bool:
+        """Whether this model call is the one sampled in its window.
+
+        Once the run has computed a gradient, the first call with grad enabled is (a no_grad teacher or
+        validation call before it is not). Before that, model calls under no_grad are iterations of
+        their own (inference); a call with grad enabled is sampled when its iteration is a sampling
+        step either as counted now or as it will be if an optimizer step follows (which folds the
+        inference iterations before it into step 0, see IterationClock.step_begins).
+        """
+        health = self._health
+        if self._trained():
+            return p.grad_enabled and health.is_sampling(window.iteration)
+        if not p.grad_enabled:
+            return not p.index and health.is_sampling(window.iteration)
+        return health.is_sampling(window.iteration) or health.is_sampling(self._capture.clock.manual_completed)
 
     @_guarded
     def pass_ended(self, p: Pass) -> None:
         if self._health.attached:
             layout, table = self._health.take_activations()
             if table is not None:
-                self._channel.record(Payload("activations", table.reshape(-1), (self._capture.window.iteration, layout)))
+                # The step is read with the sample: an optimizer step may renumber the window's iteration.
+                self._channel.record(Payload("activations", table.reshape(-1),
+                                             (self._capture.window, layout, self._provisional)))
 
     @_guarded
     def leaves_added(self, leaves: list[tuple[str, torch.Tensor]]) -> None:
@@ -348,6 +380,9 @@ class Watch(CaptureListener):
             self._seen_optimizers[id(optimizer)] = optimizer
             if reason == "step":
                 self._step_frame[id(optimizer)] = frame_from(sys._getframe(1))
+                if self._provisional_steps:  # inference iterations folded into step 0: not steps after all
+                    self._recorder.retract_activations(self._provisional_steps)
+                    self._provisional_steps = []
             if id(optimizer) not in self._configured:
                 self._configured.add(id(optimizer))
                 self._recorder.optimizer(optimizer, self._probe.last_scaler or self._scaler)
@@ -644,6 +679,8 @@ class Watch(CaptureListener):
                 elif payload.kind == "scale":
                     self._scales.append(values[0])
                     recorder.step(payload.meta, loss=None, grad_norm=None, loss_scale=values[0], skipped=False)
+                elif payload.kind == "activations":
+                    self._activations(payload, values)
                 else:
                     recorder.payload(payload, values)
             bad = [s for s in reading.bad() if not (skipped and s.role == "grad")]
@@ -653,6 +690,24 @@ class Watch(CaptureListener):
         current = capture.window.iteration
         for index in [i for i, w in self._windows.items() if w.iteration < current and not self._in_flight(i)]:
             del self._windows[index]
+
+    def _activations(self, payload: Payload, values: list[float]) -> None:
+        """Store one activation sample under its window's iteration as it is now.
+
+        A sample of an inference call made before the run trained (``provisional``: a validation
+        pass before training, Lightning's sanity check) belongs to an iteration that the first
+        optimizer step folds away: it is dropped then, and those already stored are deleted, so that
+        step 0's sample is its training pass's.
+        """
+        window, layout, provisional = payload.meta
+        step = window.iteration
+        if provisional and (self._capture.clock.optimizer_mode or window.index in self._superseded):
+            return
+        if not self._health.is_sampling(step):
+            return  # sampled in case an optimizer step renumbered it, and none did
+        if provisional:
+            self._provisional_steps.append(step)
+        self._recorder.payload(Payload("activations", payload.tensor, (step, layout)), values)
 
     def _in_flight(self, window_index: int) -> bool:
         return any(e.window == window_index for flight in self._channel.in_flight for e in flight.entries)

@@ -80,6 +80,9 @@ class Call:
     inplace: bool = False
     before: torch.Tensor | None = None  # the in-place target's value before the call (targets made elsewhere)
     rng: torch.Tensor | None = None     # the RNG state before a random call
+    # the inputs made outside the window and their versions after the call: a replay that finds one
+    # changed in place since (``p.grad.zero_()`` after a hand-written update) cannot reproduce the call
+    external: tuple[tuple[torch.Tensor, int], ...] = ()
 
 
 @dataclass(eq=False)
@@ -829,8 +832,10 @@ class StepCapture:
         # is not recorded, and a replay reads its results as they are.
         if not self.window.truncated and (_is_float(out) or _any_float(args, kwargs)):
             frame = self._frame()
-            self._record(Call(func, args, kwargs, out, frame, autocast_state(), grad, kind == _INPLACE, before, rng))
             produced = self.window.produced
+            external = tuple((a, a._version) for a in args if isinstance(a, torch.Tensor) and id(a) not in produced)
+            self._record(Call(func, args, kwargs, out, frame, autocast_state(), grad, kind == _INPLACE, before, rng,
+                              external))
             if isinstance(out, torch.Tensor):
                 produced.add(id(out))
             else:

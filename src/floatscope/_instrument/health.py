@@ -98,15 +98,40 @@ def _group_stats(outputs: list[torch.Tensor], scratch: Scratch | None = None) ->
 
 
 _PLAIN, _SATURATES, _RECTIFIES = 0, 1, 2
-_CHANNELS_FIRST_1D = ("Conv1d", "ConvTranspose1d", "BatchNorm1d", "InstanceNorm1d", "LazyConv1d", "LazyBatchNorm1d")
+# Layers whose 3-d outputs are (N, C, L) and those whose are (N, L, features). Any other layer (an
+# activation, dropout, a custom block) keeps the layout of the layer before it when it keeps its shape.
+_CHANNELS_FIRST_1D = frozenset((
+    "Conv1d", "ConvTranspose1d", "LazyConv1d", "LazyConvTranspose1d", "BatchNorm1d", "LazyBatchNorm1d",
+    "InstanceNorm1d", "LazyInstanceNorm1d", "GroupNorm", "MaxPool1d", "AvgPool1d", "LPPool1d",
+    "AdaptiveAvgPool1d", "AdaptiveMaxPool1d", "Dropout1d", "ConstantPad1d", "ReflectionPad1d",
+    "ReplicationPad1d", "ZeroPad1d", "CircularPad1d", "Upsample"))
+_FEATURES_LAST = frozenset((
+    "Linear", "LazyLinear", "Bilinear", "LayerNorm", "RMSNorm", "Embedding", "MultiheadAttention", "LSTM", "GRU",
+    "RNN", "TransformerEncoderLayer", "TransformerDecoderLayer"))
 
 
-def _unit_dim(ndim: int, previous: str) -> int:
-    """The dimension of a ReLU output's units: channels (dim 1) for images and volumes (N, C, H, W...)
-    and for (N, C, L) after a 1-d convolution or norm; features (the last dim) otherwise."""
-    if ndim >= 4 or (ndim == 3 and previous in _CHANNELS_FIRST_1D):
-        return 1
-    return -1
+def _unit_dims(key: list[tuple[Any, torch.Size, Any, Any]], rectifying: list[int]) -> list[int]:
+    """The dimension of each rectifier output's units: channels (dim 1) for images and volumes
+    (N, C, H, W...) and for (N, C, L) after a 1-d convolution, pooling or norm; features (the last
+    dim) otherwise. For a 3-d output the layout is the last layer of a known kind before it, looked
+    up through the layers that kept its shape."""
+    dims = []
+    for i in rectifying:
+        shape = key[i][1]
+        dim = -1
+        if len(shape) >= 4:
+            dim = 1
+        elif len(shape) == 3:
+            for layer, before, _, _ in reversed(key[:i]):
+                if before != shape:
+                    break
+                if layer.type in _CHANNELS_FIRST_1D:
+                    dim = 1
+                    break
+                if layer.type in _FEATURES_LAST:
+                    break
+        dims.append(dim)
+    return dims
 
 
 class _Layer:
@@ -204,7 +229,12 @@ class Layout:
 
     def __init__(self, key: list[tuple[_Layer, torch.Size, torch.dtype, torch.device]]) -> None:
         self.key = key
-        self.names = [layer.name for layer, _, _, _ in key]
+        # A layer called more than once in the pass has a column per call: name, name#2, name#3, ...
+        calls: dict[str, int] = {}
+        self.names = []
+        for layer, _, _, _ in key:
+            k = calls[layer.name] = calls.get(layer.name, 0) + 1
+            self.names.append(layer.name if k == 1 else f"{layer.name}#{k}")
         self.dtypes = [_DTYPE_NAMES.get(dtype) or dtype_name(dtype) for _, _, dtype, _ in key]
         self.types = [layer.type for layer, _, _, _ in key]
         self.device = key[0][3]
@@ -221,12 +251,8 @@ class Layout:
                            else torch.tensor(part, device=self.device))
                 self.groups.append((where, part, columns))
         self.saturating = [i for i, (layer, _, _, _) in enumerate(key) if layer.kind == _SATURATES]
-        self.rectifying: list[tuple[int, int]] = []  # (index, the dimension of its units)
-        previous = ""
-        for i, (layer, shape, _, _) in enumerate(key):
-            if layer.kind == _RECTIFIES and len(shape) >= 1:
-                self.rectifying.append((i, _unit_dim(len(shape), previous)))
-            previous = layer.type
+        rectifying = [i for i, (layer, shape, _, _) in enumerate(key) if layer.kind == _RECTIFIES and len(shape)]
+        self.rectifying = list(zip(rectifying, _unit_dims(key, rectifying), strict=True))  # (index, units' dim)
         self._log2_max: dict[torch.device, torch.Tensor] = {}
 
     def log2_max(self, device: torch.device) -> torch.Tensor:

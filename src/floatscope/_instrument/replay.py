@@ -339,6 +339,10 @@ def _run_call(tracer: OpTracer, call: Call, mapping: dict[int, Any], phase: str 
         if call.before is None:
             return f"the in-place {getattr(call.func, '__name__', 'call')} at {call.frame.file}:{call.frame.line}"
         mapping[id(call.args[0])] = call.before.clone()
+    for t, version in call.external:
+        if id(t) not in mapping and t._version != version:
+            return (f"the {getattr(call.func, '__name__', 'call')} at {call.frame.file}:{call.frame.line} "
+                    f"(an input was changed in place after it ran)")
     args = pytree.tree_map(sub, call.args)
     kwargs = pytree.tree_map(sub, call.kwargs)
     if call.rng is not None:

@@ -288,6 +288,13 @@ class RunStore:
                                                                            layout.pack(numbers))))
         self._maybe_commit()
 
+    def delete_health(self, run_id: str, kind: str, steps: list[int]) -> None:
+        """Delete the health samples of one kind ("activation" or "param") of ``steps`` (in order with
+        the writes buffered before and after)."""
+        for step in sorted(set(steps)):
+            self._pending.append(("DELETE FROM health WHERE run_id=? AND step=? AND kind=?", (run_id, step, kind + "s")))
+        self._maybe_commit()
+
     def add_fingerprint(self, run_id: str, step: int, kind: str, values: list[float]) -> None:
         """Per-parameter fingerprints of one step: kind "grad" or "weight" (after the step), packed
         (``{"f8": base64}``, :func:`~floatscope._store.schema.pack_floats`)."""
