@@ -214,6 +214,28 @@ def test_a_manual_update_that_makes_the_nan_is_the_optimizer_phase(tmp_path):
     assert incident.param == "W"
 
 
+def test_data_preparation_after_a_manual_update_is_the_next_iterations_forward(tmp_path):
+    """The batch's normalisation at the top of the loop builds no graph; it follows iteration 2's
+    update, so it begins iteration 3 (not the end of iteration 2), in the forward phase."""
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        W = torch.randn(4, 1, requires_grad=True)
+        for it in range(6):
+            x = torch.randn(8, 4) if it != 3 else torch.ones(8, 4)
+            x = (x - x.mean(0)) / x.std(0)  # MARK:normalise
+            loss = (x @ W).pow(2).mean()
+            loss.backward()
+            with torch.no_grad():
+                W -= 0.1 * W.grad
+                W.grad = None
+    """)
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.div.Tensor", phase="forward", module=None, marker="MARK:normalise",
+                 step=3, category="invalid")
+    assert result.steps == 3
+
+
 def test_a_second_manual_update_whose_gradient_is_zeroed_later_is_not_claimed_exact(tmp_path):
     """The update of b runs in a window of its own (W's update came before it); the script zeroes
     b.grad after it, so a replay can no longer see the gradient the update read. The incident names
@@ -839,6 +861,29 @@ def test_a_nan_in_micro_batch_3_of_step_3_is_step_3(tmp_path):
     incident = result.incident
     assert (incident.step, incident.phase, incident.category) == (3, "forward", "input")
     assert (incident.file, incident.line) == line_of("out = out * torch.tensor", path)
+
+
+def test_a_data_side_op_after_an_earlier_micro_batch_backward_is_the_forward_phase(tmp_path):
+    """torch.log of labels builds no graph and runs after micro-batch 0's backward: it is data (the
+    forward phase) of step 1, not part of the optimizer's update."""
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        for i in range(12):
+            x, y = torch.randn(4, 3), torch.rand(4, 1)
+            if i == 5:
+                y = torch.zeros(4, 1)
+            loss = (model(x) - torch.log(y)).pow(2).mean() / 4  # MARK:log-labels
+            loss.backward()
+            if i % 4 == 3:
+                opt.step()
+                opt.zero_grad()
+    """)
+    assert code == EXIT_INCIDENT
+    assert_found(result, path, op="aten.log.default", phase="forward", module=None, marker="MARK:log-labels",
+                 step=1, category="division-by-zero")
 
 
 LBFGS = """

@@ -399,6 +399,7 @@ class Watch(CaptureListener):
             self._capture.grads_pending = None
             if grads:
                 self._windows[window.index] = window
+                window.grads.update(map(id, grads))
                 self._channel.check(Group("grad", grads, grad_names, order=len(window.events), window=window.index,
                                           step=step))
             if reason == "step" and self._weights_due(step - 1):
@@ -559,6 +560,7 @@ class Watch(CaptureListener):
         self._windows[window.index] = window
         if not grads:
             return None
+        window.grads.update(id(g) for _, g in grads)
         group = Group("grad", [g for _, g in grads], [n for n, _ in grads], order=len(window.events),
                       window=window.index, step=step)
         self._channel.check(group)

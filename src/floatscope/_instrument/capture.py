@@ -139,6 +139,7 @@ class Window:
     truncated: bool = False
     passes: int = 0
     writes: int = 0          # parameter writes seen when the window began (a later write makes it stale)
+    grads: set[int] = field(default_factory=set)  # ids of the gradients read for the update that ended it
 
 
 @dataclass
@@ -797,6 +798,13 @@ class StepCapture:
             if self.clock.compute():
                 self.listener.boundary()
                 self.new_window()
+        elif grad and self.update_group and self._reads_only_data(args, kwargs):
+            # Past a hand-written update (made under no_grad), a call with grad enabled on data alone (the
+            # next batch, its normalisation) begins the next iteration.
+            self._end_update_group()
+            if self.clock.compute():
+                self.listener.boundary()
+                self.new_window()
         before = None
         rng = None
         if kind == _INPLACE and args:
@@ -937,6 +945,15 @@ class StepCapture:
                 self.last_writer[id(leaf[0])] = ("manual", update.iteration, update)
                 self.written_at[id(leaf[0])] = self.param_writes
         return out
+
+    def _reads_only_data(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """No input is a parameter, a gradient the update read, or a value of the update's window."""
+        window, lookup = self.window, self.leaves.lookup
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and (id(t) in window.produced or id(t) in window.grads
+                                                or lookup(t) is not None):
+                return False
+        return True
 
     def _end_update_group(self) -> None:
         if not self.update_group:

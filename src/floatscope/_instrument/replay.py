@@ -97,12 +97,7 @@ class Replayer:
             torch.set_rng_state(window.rng)
             if window.cuda_rng is not None:
                 torch.cuda.set_rng_state_all(window.cuda_rng)
-            first_backward = next((i for i, e in enumerate(window.events) if isinstance(e, Backward)), None)
-            # After a backward, a call that builds no graph (no_grad, or only gradients and detached data as
-            # inputs, as in p.data.add_(-lr * p.grad)) is part of a hand-written update.
-            update_phase = {id(e) for i, e in enumerate(window.events) if first_backward is not None
-                            and i > first_backward and isinstance(e, Call)
-                            and (not e.grad_enabled or not any(t.requires_grad for t in _inputs_of(e)))}
+            update_phase = _update_calls(window, capture)
             with tracer:
                 for event in [*_prefix(window, history), *events]:
                     if isinstance(event, Pass):
@@ -233,6 +228,31 @@ class Replayer:
                 if id(p) in now_state:
                     optimizer.state[p] = now_state[id(p)]
         return tracer
+
+
+def _update_calls(window: Window, capture: StepCapture) -> set[int]:
+    """ids of the window's calls that are part of a parameter update (the ``optimizer`` phase).
+
+    After a backward, a call that builds no graph (no_grad, or only gradients and detached data as
+    inputs, as in ``p.data.add_(-lr * p.grad)``) is part of the update when it reads a gradient the
+    update read, a parameter, or what such a call made. Other such calls (the next micro-batch's
+    data, a mask made from labels) are data: the ``forward`` phase.
+    """
+    first_backward = next((i for i, e in enumerate(window.events) if isinstance(e, Backward)), None)
+    if first_backward is None:
+        return set()
+    tainted = set(window.grads)
+    found: set[int] = set()
+    for e in window.events[first_backward + 1:]:
+        if not isinstance(e, Call):
+            continue
+        inputs = _inputs_of(e)
+        if e.grad_enabled and any(t.requires_grad for t in inputs):
+            continue  # builds a graph: the forward of the next micro-batch
+        if any(id(t) in tainted or capture.leaves.lookup(t) is not None for t in inputs):
+            found.add(id(e))
+            tainted.update(id(t) for t in _outputs_of(e))
+    return found
 
 
 def _inputs_of(event: Any) -> list[torch.Tensor]:
