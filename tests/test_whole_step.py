@@ -236,6 +236,29 @@ def test_data_preparation_after_a_manual_update_is_the_next_iterations_forward(t
     assert result.steps == 3
 
 
+def test_two_hand_written_updates_that_both_overflow_name_the_first_and_its_parameter(tmp_path):
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        X, Y = torch.randn(20, 3), torch.randn(20, 1)
+        W = torch.zeros(3, 1, requires_grad=True)
+        b = torch.zeros(1, requires_grad=True)
+        for epoch in range(5):
+            loss = ((X @ W + b - Y) ** 2).mean()
+            loss.backward()
+            with torch.no_grad():
+                lr = 1e39 if epoch == 2 else 0.1
+                W -= lr * W.grad  # MARK:W-update
+                b -= lr * b.grad
+                W.grad = None
+                b.grad = None
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.mul.Tensor", phase="optimizer", module=None,
+                            marker="MARK:W-update", step=2, category="overflow")
+    assert incident.param == "W" and incident.exact
+
+
 def test_a_second_manual_update_whose_gradient_is_zeroed_later_is_not_claimed_exact(tmp_path):
     """The update of b runs in a window of its own (W's update came before it); the script zeroes
     b.grad after it, so a replay can no longer see the gradient the update read. The incident names

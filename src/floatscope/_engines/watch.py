@@ -791,6 +791,13 @@ class Watch(CaptureListener):
         # they are non-finite too; otherwise the update itself made the parameter non-finite.
         updates = [s for s in bad if s.role == "update"]
         bad = [s for s in bad if s.role != "update"]
+        if updates:
+            first = min(updates, key=_timeline)
+            if any(isinstance(a, torch.Tensor) and self._contained_origin(a) is not None for a in first.event.args[1:]):
+                # The first update's operand was diagnosed when it was computed (read before the update ran),
+                # before anything else of the group: W -= lr * W.grad, then b -= lr * b.grad.
+                leaf = capture.leaves.lookup(first.tensor)
+                return self._update_finding(first.event, first.name or "", leaf[0] if leaf else first.tensor)
         if not bad:
             first = min(updates, key=_timeline)
             leaf = capture.leaves.lookup(first.tensor)
