@@ -443,6 +443,28 @@ def test_a_nan_parameter_from_a_checkpoint_is_named_before_the_first_step():
     assert incident.operands[0].nan == 1 and "checkpoint" in " ".join(incident.suggestions)
 
 
+def test_an_inf_written_by_nn_init_before_the_first_call_names_the_init_line(tmp_path):
+    """Under floatscope run the watch is on before the model exists: its initialisation is recorded
+    (nn.init passes its tensor as a keyword), and the parameter's incident names the write."""
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        torch.nn.init.constant_(model[2].bias, float("inf"))  # MARK:init
+        for step in range(3):
+            loss = model(torch.randn(16, 4)).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="<parameter>", phase="forward", module="2", marker="MARK:init",
+                            step=0, category="parameter")
+    assert incident.param == "2.bias"
+    assert "constant_ wrote these values into it" in incident.explanation
+
+
 def test_a_checkpoint_loaded_with_nan_inside_the_script_names_the_load(tmp_path):
     code, result, path = run(tmp_path, """
         import torch

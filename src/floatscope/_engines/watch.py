@@ -923,11 +923,18 @@ class Watch(CaptureListener):
         model = self._labels.get(id(owner)) if owner is not None else None
         module = _module_of(name) if owner is not None else None
         if writer is None:
+            init = self._initial_write(param)
+            if init is not None:  # an in-place write before its model's first call: the initialisation
+                return triage.parameter_incident(
+                    step=step, name=name, module=module, model=model, stats=stats, frame=init.frame,
+                    history=f"{getattr(init.func, '__name__', 'a write')} wrote these values into it at "
+                            f"{init.frame.file}:{init.frame.line}, before its model's first call (its "
+                            f"initialisation), not an update computed from gradients.")
             use = self._first_use(param)
             return triage.parameter_incident(
                 step=step, name=name, module=module, model=model, stats=stats, frame=use,
                 history="it was never written while watched, so it came from the initialisation or a checkpoint "
-                        "loaded before the watch started.")
+                        "loaded before the watch saw its model.")
         kind, iteration, who = writer
         if kind == "manual" and getattr(who.func, "__name__", "") in _WRITES:
             update = who
@@ -979,6 +986,24 @@ class Watch(CaptureListener):
             step=update.iteration, op=op, name=name, module=_module_of(name) if owner is not None else None,
             model=self._labels.get(id(owner)) if owner is not None else None, frame=update.frame, before=None,
             operands=operands, after=operand_stats(param.detach()))
+
+    def _initial_write(self, param: torch.Tensor) -> Call | None:
+        """The last recorded in-place call on ``param``'s storage (``nn.init.constant_`` before its model
+        was first called, when the watch did not know it as a parameter yet), if a kept window has it."""
+        ptr = _storage(param)
+        if ptr is None:
+            return None
+        windows = [*self._windows.values(), self._capture.window]
+        found = None
+        for window in sorted({id(w): w for w in windows}.values(), key=lambda w: w.index):
+            for e in window.events:
+                if not (isinstance(e, Call) and e.inplace):
+                    continue
+                # nn.init functions reach the function mode with their arguments as keywords (tensor=...)
+                target = e.args[0] if e.args else e.kwargs.get("tensor", e.kwargs.get("input"))
+                if isinstance(target, torch.Tensor) and _storage(target) == ptr:
+                    found = e
+        return found
 
     def _used_leaves(self, window: Window) -> set[int]:
         """ids of the leaves the window's root calls and torch calls used."""
