@@ -931,6 +931,65 @@ def test_a_data_side_op_after_an_earlier_micro_batch_backward_is_the_forward_pha
                  step=1, category="division-by-zero")
 
 
+def test_a_manual_loop_after_an_optimizer_loop_counts_its_iterations(tmp_path):
+    """50 torch.optim steps, then hand-written updates: iteration 10 of the second loop is step 60."""
+    code, result, path = run(tmp_path, """
+        import torch
+        torch.manual_seed(0)
+        X = torch.randn(32, 3)
+        Y = X.sum(1, keepdim=True)
+        V = torch.zeros(3, 1, requires_grad=True)
+        opt = torch.optim.SGD([V], lr=0.05)
+        for epoch in range(50):
+            loss = ((X @ V - Y) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        for epoch in range(20):
+            loss = ((X @ V - Y) ** 2).mean()
+            loss.backward()
+            with torch.no_grad():
+                V -= 0.05 * V.grad / (V.grad.norm() * (0.0 if epoch == 10 else 1.0))  # MARK:manual
+                V.grad = None
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="aten.div.Tensor", phase="optimizer", module=None, marker="MARK:manual",
+                            step=60, category="division-by-zero")
+    assert incident.param == "V"
+
+
+def _counted_steps(tmp_path, source: str) -> int:
+    code, result, _ = run(tmp_path, source)
+    assert code == 0 and result.status == "clean", result
+    return result.steps
+
+
+def test_weights_written_by_hand_next_to_an_optimizer_step_do_not_count_again(tmp_path):
+    """Clamping weights before the step (WGAN-style) or an EMA update after it: one step per iteration."""
+    for where in ("before", "after"):
+        steps = _counted_steps(tmp_path, f"""
+            import torch
+            torch.manual_seed(0)
+            model = torch.nn.Linear(3, 1)
+            shadow = torch.nn.Linear(3, 1)
+            opt = torch.optim.SGD(model.parameters(), lr=0.01)
+            for step in range(7):
+                loss = model(torch.randn(8, 3)).pow(2).mean() + shadow(torch.randn(8, 3)).sum() * 0
+                opt.zero_grad()
+                loss.backward()
+                if "{where}" == "before":
+                    with torch.no_grad():
+                        for p in model.parameters():
+                            p.clamp_(-0.5, 0.5)
+                opt.step()
+                if "{where}" == "after":
+                    with torch.no_grad():
+                        for s, p in zip(shadow.parameters(), model.parameters()):
+                            s.mul_(0.9).add_(p, alpha=0.1)
+        """)
+        assert steps == 7, where
+
+
 LBFGS = """
     import torch
     torch.manual_seed(0)

@@ -185,6 +185,9 @@ class IterationClock:
         self.gradients_since = False  # a backward or grad call since the last boundary
         self.completed = 0           # iterations with a parameter update (or grad call)
         self.manual_completed = 0    # of them, those ended by in-place parameter updates
+        self.stepped_since_update = False  # an optimizer stepped since the last backward or update group
+        self.counted_by_update = False  # an update group ended this iteration before its optimizer step
+        self.update_since_backward = False  # (before any optimizer step) an update group ended since the last backward
 
     def label(self) -> int:
         """The iteration of an event happening now."""
@@ -201,12 +204,16 @@ class IterationClock:
             # a meta-learning step) were part of this iteration; manual-update iterations before stay.
             self.optimizer_mode = True
             self.boundary_pending = False
-            self.index = self.completed = self.manual_completed
+            # An update group since the last backward (weights clamped before this step) is this iteration's.
+            self.index = self.completed = self.manual_completed - (1 if self.update_since_backward else 0)
         elif key in self.stepped:
-            self.index += 1
+            if not self.counted_by_update:  # else the update group (weights clamped before the step) began it
+                self.index += 1
             self.stepped = set()
+        self.counted_by_update = False
         self.stepped.add(key)
         self.known.add(key)
+        self.stepped_since_update = True
         return self.index
 
     def step_done(self) -> None:
@@ -224,6 +231,18 @@ class IterationClock:
             self.completed = max(self.completed, self.index + 1)
             if update:
                 self.manual_completed = self.index + 1
+                self.update_since_backward = True
+        elif self.optimizer_mode and update:
+            if self.gradients_since and not self.stepped_since_update and self.stepped >= self.known:
+                # Hand-written updates after a backward that no optimizer step followed: an iteration of
+                # their own (torch.optim, then a manual loop). Events after it belong to the next one
+                # (label()). An optimizer step that follows in the same iteration (weights clamped before
+                # it) does not begin another.
+                self.index = self.label()
+                self.completed = max(self.completed, self.index + 1)
+                self.gradients_since = False
+                self.counted_by_update = True
+            self.stepped_since_update = False
 
     def inference_call(self) -> None:
         """A model call in a run that has computed no gradient yet: each one is an iteration."""
@@ -887,6 +906,7 @@ class StepCapture:
         options = {k: kwargs[k] for k in ("retain_graph", "create_graph") if k in kwargs}
         self.coverage.backward += 1
         self.clock.saw_backward = self.clock.gradients_since = True
+        self.clock.stepped_since_update = self.clock.update_since_backward = False
         self._record(Backward("backward", roots, [grad_tensors] if isinstance(grad_tensors, torch.Tensor)
                               else grad_tensors, list(inputs) if inputs is not None else None, self._frame(),
                               options, autocast=autocast_state()))
@@ -910,6 +930,7 @@ class StepCapture:
                          as_list(inputs), self._frame(), options, autocast=autocast_state())
         self.coverage.grad_calls += 1
         self.clock.saw_backward = self.clock.gradients_since = True
+        self.clock.stepped_since_update = self.clock.update_since_backward = False
         self._record(event)
         self.in_backward += 1
         try:
