@@ -465,6 +465,34 @@ def test_an_inf_written_by_nn_init_before_the_first_call_names_the_init_line(tmp
     assert "constant_ wrote these values into it" in incident.explanation
 
 
+@pytest.mark.parametrize("first, second, marked", [
+    ('torch.nn.init.constant_(net[0].weight, float("inf"))', "torch.nn.init.zeros_(net[0].bias)", 1),
+    ("torch.nn.init.xavier_uniform_(net[0].weight)", 'torch.nn.init.constant_(net[0].weight, float("nan"))', 2),
+    ('torch.nn.init.normal_(net[0].weight, mean=float("nan"))', "pass", 1),
+])
+def test_initialisation_calls_are_not_a_raw_tensor_model(tmp_path, first, second, marked):
+    """nn.init.* on a parameter (in place, under no_grad inside) neither registers it as a raw tensor
+    (which named it tensor(7, 5)) nor hides the write that broke it (a second init of the same tensor)."""
+    lines = [first + ("  # MARK:broken" if marked == 1 else ""), second + ("  # MARK:broken" if marked == 2 else "")]
+    code, result, path = run(tmp_path, f"""
+        import torch
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 2))
+        {lines[0]}
+        {lines[1]}
+        opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+        for it in range(3):
+            loss = ((net(torch.randn(4, 5)) - torch.randn(4, 2)) ** 2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    """)
+    assert code == EXIT_INCIDENT
+    incident = assert_found(result, path, op="<parameter>", phase="forward", module="0", marker="MARK:broken",
+                            step=0, category="parameter")
+    assert incident.param == "0.weight"
+
+
 def test_a_checkpoint_loaded_with_nan_inside_the_script_names_the_load(tmp_path):
     code, result, path = run(tmp_path, """
         import torch

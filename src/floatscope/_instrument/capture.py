@@ -811,7 +811,9 @@ class StepCapture:
 
     def _call(self, kind: int, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         grad = torch.is_grad_enabled()
-        builds_graph = grad and _needs_grad(args, kwargs)
+        # An in-place call on a leaf that requires grad builds no graph (autograd refuses it): it is an
+        # initialisation under no_grad inside the call (nn.init.*), not the forward of a raw-tensor model.
+        builds_graph = grad and _needs_grad(args, kwargs) and not (kind == _INPLACE and _leaf_target(args, kwargs))
         if builds_graph:
             self._end_update_group()
             if self.clock.compute():
@@ -1113,6 +1115,11 @@ def _needs_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if isinstance(a, torch.Tensor) and a.requires_grad:
             return True
     return False
+
+
+def _leaf_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+    return isinstance(target, torch.Tensor) and target.is_leaf and target.requires_grad
 
 
 def _clone_small(t: torch.Tensor) -> torch.Tensor | None:
