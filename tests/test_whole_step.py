@@ -236,23 +236,29 @@ def test_data_preparation_after_a_manual_update_is_the_next_iterations_forward(t
     assert result.steps == 3
 
 
+# Linear regression with raw tensors and two hand-written updates per step; lr 1e39 (inf in float32) at step 2.
+TWO_UPDATES = """
+    import torch
+    torch.manual_seed(0)
+    X, Y = torch.randn(20, 3), torch.randn(20, 1)
+    W = torch.zeros(3, 1, requires_grad=True)
+    b = torch.zeros(1, requires_grad=True)
+    for epoch in range(5):
+        loss = ((X @ W + b - Y) ** 2).mean()
+        loss.backward()
+        with torch.no_grad():
+            lr = 1e39 if epoch == 2 else 0.1
+            UPDATES
+"""
+
+
+def _two_updates(tmp_path, *lines: str):
+    return run(tmp_path, TWO_UPDATES.replace("UPDATES", "\n            ".join(lines)))
+
+
 def test_two_hand_written_updates_that_both_overflow_name_the_first_and_its_parameter(tmp_path):
-    code, result, path = run(tmp_path, """
-        import torch
-        torch.manual_seed(0)
-        X, Y = torch.randn(20, 3), torch.randn(20, 1)
-        W = torch.zeros(3, 1, requires_grad=True)
-        b = torch.zeros(1, requires_grad=True)
-        for epoch in range(5):
-            loss = ((X @ W + b - Y) ** 2).mean()
-            loss.backward()
-            with torch.no_grad():
-                lr = 1e39 if epoch == 2 else 0.1
-                W -= lr * W.grad  # MARK:W-update
-                b -= lr * b.grad
-                W.grad = None
-                b.grad = None
-    """)
+    code, result, path = _two_updates(tmp_path, "W -= lr * W.grad  # MARK:W-update", "b -= lr * b.grad",
+                                      "W.grad = None", "b.grad = None")
     assert code == EXIT_INCIDENT
     incident = assert_found(result, path, op="aten.mul.Tensor", phase="optimizer", module=None,
                             marker="MARK:W-update", step=2, category="overflow")
@@ -263,22 +269,8 @@ def test_a_second_manual_update_whose_gradient_is_zeroed_later_is_not_claimed_ex
     """The update of b runs in a window of its own (W's update came before it); the script zeroes
     b.grad after it, so a replay can no longer see the gradient the update read. The incident names
     the update's line and step and says what it could not replay; it never invents an origin."""
-    code, result, path = run(tmp_path, """
-        import torch
-        torch.manual_seed(0)
-        X, Y = torch.randn(20, 3), torch.randn(20, 1)
-        W = torch.zeros(3, 1, requires_grad=True)
-        b = torch.zeros(1, requires_grad=True)
-        for epoch in range(5):
-            loss = ((X @ W + b - Y) ** 2).mean()
-            loss.backward()
-            with torch.no_grad():
-                lr = 1e39 if epoch == 2 else 0.1
-                W -= 0.1 * W.grad
-                b -= lr * b.grad  # MARK:b-update
-                W.grad.zero_()
-                b.grad.zero_()
-    """)
+    code, result, path = _two_updates(tmp_path, "W -= 0.1 * W.grad", "b -= lr * b.grad  # MARK:b-update",
+                                      "W.grad.zero_()", "b.grad.zero_()")
     assert code == EXIT_INCIDENT
     incident = result.incident
     file, line = line_of("MARK:b-update", path)

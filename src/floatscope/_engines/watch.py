@@ -41,7 +41,8 @@ from floatscope._errors import NonFiniteError, Terminated, UsageError
 from floatscope._engines.signals import TermHandler
 from floatscope._events import UNKNOWN_FRAME, UserFrame
 from floatscope._engines.recorder import RunRecorder
-from floatscope._instrument.capture import Backward, Call, CaptureListener, Pass, StepCapture, Update, Window
+from floatscope._instrument.capture import (Backward, Call, CaptureListener, Pass, StepCapture, Update, Window,
+                                            inplace_target)
 from floatscope._instrument.channel import Group, Payload, Reading, StepChannel, Subject, SyncPolicy
 from floatscope._instrument.frames import frame_from, user_stacklevel
 from floatscope._instrument import ops as kinds
@@ -999,8 +1000,7 @@ class Watch(CaptureListener):
             for e in window.events:
                 if not (isinstance(e, Call) and e.inplace):
                     continue
-                # nn.init functions reach the function mode with their arguments as keywords (tensor=...)
-                target = e.args[0] if e.args else e.kwargs.get("tensor", e.kwargs.get("input"))
+                target = inplace_target(e.args, e.kwargs)
                 if isinstance(target, torch.Tensor) and _storage(target) == ptr:
                     found = e
         return found

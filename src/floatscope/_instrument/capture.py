@@ -1117,8 +1117,14 @@ def _needs_grad(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     return False
 
 
+def inplace_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """What an in-place call writes: its first argument (nn.init functions reach the function mode
+    with it as a keyword, ``tensor=``)."""
+    return args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+
+
 def _leaf_target(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-    target = args[0] if args else kwargs.get("tensor", kwargs.get("input"))
+    target = inplace_target(args, kwargs)
     return isinstance(target, torch.Tensor) and target.is_leaf and target.requires_grad
 
 
